@@ -1,0 +1,143 @@
+"""The Jamba model: interleaved attention / Mamba mixers, each followed by a dense or MoE feed-forward.
+
+Module names mirror transformers' JambaForCausalLM so state dicts are interchangeable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention
+from .config import JambaConfig
+from .init import init_weights
+from .mamba import MambaMixer
+from .mlp import SwiGLU
+from .moe import SparseMoE
+from .norm import RMSNorm
+
+
+@dataclass
+class JambaOutput:
+    loss: torch.Tensor | None = None  # lm_loss + aux_coef * aux_loss + z_coef * z_loss
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # mean over MoE layers
+    z_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    router_stats: list[dict] = field(default_factory=list)  # one per MoE layer, with its "layer" index
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: JambaConfig, idx: int) -> None:
+        super().__init__()
+        self.idx = idx
+        self.kind = cfg.layers_block_type[idx]
+        self.is_moe = cfg.layers_is_moe[idx]
+        if self.kind == "attention":
+            self.self_attn = Attention(cfg)
+        else:
+            self.mamba = MambaMixer(cfg)
+        self.feed_forward = SparseMoE(cfg) if self.is_moe else SwiGLU(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+        mixer = self.self_attn if self.kind == "attention" else self.mamba
+        x = x + mixer(self.input_layernorm(x))
+        stats = None
+        if self.is_moe:
+            y, stats = self.feed_forward(self.pre_ff_layernorm(x))
+        else:
+            y = self.feed_forward(self.pre_ff_layernorm(x))
+        return x + y, stats
+
+
+class JambaModel(nn.Module):
+    def __init__(self, cfg: JambaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.checkpointing = cfg.activation_checkpointing
+
+    def _checkpointed(self, layer: DecoderLayer) -> bool:
+        c = self.checkpointing
+        return c == "full" or (c == "mamba" and layer.kind == "mamba") or \
+            (c == "attention" and layer.kind == "attention") or (c == "moe" and layer.is_moe)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+        x = self.embed_tokens(input_ids)
+        all_stats = []
+        for layer in self.layers:
+            if self.training and torch.is_grad_enabled() and self._checkpointed(layer):
+                x, stats = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x, stats = layer(x)
+            if stats is not None:
+                all_stats.append({"layer": layer.idx, **stats})
+        return self.final_layernorm(x), all_stats
+
+
+def _ce_chunk(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, w).float(), labels, ignore_index=-100, reduction="sum")
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean next-token loss without keeping [tokens, vocab] logits alive: each chunk's logits are
+    recomputed in backward."""
+    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk):
+        hs, ls = h[s:s + chunk], labels[s:s + chunk]
+        if torch.is_grad_enabled() and (hs.requires_grad or weight.requires_grad):
+            total = total + checkpoint(_ce_chunk, hs, weight, ls, use_reentrant=False)
+        else:
+            total = total + _ce_chunk(hs, weight, ls)
+    return total / (labels != -100).sum().clamp(min=1)
+
+
+class JambaForCausalLM(nn.Module):
+    def __init__(self, cfg: JambaConfig, init: bool = True, seed: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = JambaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if init:
+            init_weights(self, cfg, seed=seed)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                return_logits: bool | None = None) -> JambaOutput:
+        """labels are aligned with input_ids (already shifted: labels[t] is the token after input_ids[t]);
+        -100 is ignored. Logits are returned when asked, or when no labels are given."""
+        if input_ids.max() >= self.config.vocab_size or input_ids.min() < 0:
+            raise ValueError(f"input_ids out of range [0, {self.config.vocab_size}): "
+                             f"min {int(input_ids.min())}, max {int(input_ids.max())}")
+        h, stats = self.model(input_ids)
+        out = JambaOutput(router_stats=stats)
+        if return_logits or labels is None:
+            out.logits = self.lm_head(h)
+        if labels is not None:
+            if out.logits is not None:
+                out.lm_loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            else:
+                out.lm_loss = chunked_cross_entropy(h, self.lm_head.weight, labels, self.config.loss_chunk_size)
+            out.loss = out.lm_loss
+        if stats:
+            out.aux_loss = torch.stack([s["aux_loss"] for s in stats]).mean()
+            out.z_loss = torch.stack([s["z_loss"] for s in stats]).mean()
+            if out.loss is not None:
+                out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
+                if self.config.router_z_loss_coef > 0:
+                    out.loss = out.loss + self.config.router_z_loss_coef * out.z_loss
+        return out
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Norm weights, biases, A_log, D: excluded from weight decay by the optimizer."""
+        return {n for n, p in self.named_parameters()
+                if p.ndim < 2 or getattr(p, "_no_weight_decay", False) or n.endswith("A_log")}

@@ -1,0 +1,135 @@
+"""Selective scan (Mamba-1) and causal depthwise conv: fast kernels with pure-PyTorch references.
+
+Shapes follow mamba-ssm: u, delta, z [b, d, L]; A [d, n]; B, C [b, n, L]; D, delta_bias [d].
+  h_t = exp(delta_t * A) h_{t-1} + delta_t B_t u_t,   y_t = C_t . h_t + D u_t,   y *= silu(z)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # mamba-ssm and causal-conv1d: CUDA only, optional
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_scan
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _mamba_scan = None
+try:
+    from causal_conv1d import causal_conv1d_fn as _cc1d
+except Exception:  # noqa: BLE001
+    _cc1d = None
+
+
+def kernels_available() -> dict[str, bool]:
+    return {"mamba_ssm": _mamba_scan is not None, "causal_conv1d": _cc1d is not None}
+
+
+def _discretize(u, delta, A, B, delta_bias, delta_softplus):
+    """Per-step decay and input, time-major [b, L, d, n] so each step of the scan is contiguous."""
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    delta = delta.transpose(1, 2)  # [b, L, d]
+    dA = torch.exp(delta.unsqueeze(-1) * A.float())
+    dBu = (delta * u.float().transpose(1, 2)).unsqueeze(-1) * B.float().transpose(1, 2).unsqueeze(2)
+    return dA, dBu
+
+
+def _finish(h, u, C, D, z, dtype):
+    """h [b, L, d, n] -> y [b, d, L]."""
+    y = torch.matmul(h, C.float().transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+    if D is not None:
+        y = y + D.float()[None, :, None] * u.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The definition: a loop over every token. Slow; used only by tests."""
+    dA, dBu = _discretize(u, delta, A, B, delta_bias, delta_softplus)
+    h = torch.zeros_like(dBu[:, 0])
+    hs = []
+    for t in range(u.shape[-1]):
+        h = dA[:, t] * h + dBu[:, t]
+        hs.append(h)
+    hs = torch.stack(hs, dim=1)
+    y = _finish(hs, u, C, D, z, u.dtype)
+    return (y, h) if return_last_state else y
+
+
+def linear_scan(a: torch.Tensor, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """h_t = a_t h_{t-1} + x_t along dim 1 of [b, L, d, n], h_{-1} = 0, without autograd.
+
+    Two passes of O(L) work and chunk + L/chunk Python steps (not L): first every chunk is scanned
+    from zero, all chunks at once, position by position; then each chunk adds its predecessor's final
+    state times the running product of its decays. Every factor is in (0, 1]: nothing can overflow."""
+    b, L, d, n = x.shape
+    T = max(1, min(chunk, L))
+    c = -(-L // T)
+    pad = c * T - L
+    if pad:
+        a = F.pad(a, (0, 0, 0, 0, 0, pad), value=1.0)
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+    a = a.reshape(b, c, T, d, n)
+    h = x.reshape(b, c, T, d, n).clone()
+    p = a.clone()  # running product of decays within each chunk
+    for t in range(1, T):
+        h[:, :, t] += a[:, :, t] * h[:, :, t - 1]
+        p[:, :, t] *= p[:, :, t - 1]
+    for j in range(1, c):
+        h[:, j] += p[:, j] * h[:, j - 1, -1:]
+    return h.reshape(b, c * T, d, n)[:, :L]
+
+
+class _LinearRecurrence(torch.autograd.Function):
+    """Autograd for linear_scan. The adjoint of a linear recurrence is the same recurrence run
+    backwards: lam_t = g_t + a_{t+1} lam_{t+1}; dx_t = lam_t; da_t = lam_t h_{t-1}."""
+
+    @staticmethod
+    def forward(ctx, a, x, chunk: int):
+        h = linear_scan(a, x, chunk)
+        ctx.save_for_backward(a, h)
+        ctx.chunk = chunk
+        return h
+
+    @staticmethod
+    def backward(ctx, g):
+        a, h = ctx.saved_tensors
+        a_next = F.pad(a[:, 1:], (0, 0, 0, 0, 0, 1))
+        lam = linear_scan(a_next.flip(1), g.flip(1), ctx.chunk).flip(1)
+        h_prev = F.pad(h[:, :-1], (0, 0, 0, 0, 1, 0))
+        return lam * h_prev, lam, None
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           return_last_state=False, chunk_size: int = 16):
+    """Parallel CPU scan with a hand-written backward (no per-token autograd graph)."""
+    dA, dBu = _discretize(u, delta, A, B, delta_bias, delta_softplus)
+    hs = _LinearRecurrence.apply(dA, dBu, chunk_size)
+    y = _finish(hs, u, C, D, z, u.dtype)
+    return (y, hs[:, -1]) if return_last_state else y
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                   use_kernel: bool = True, chunk_size: int = 16):
+    """Dispatch: mamba-ssm's fused CUDA scan when importable and on GPU, else the chunked scan."""
+    if use_kernel and _mamba_scan is not None and u.is_cuda:
+        return _mamba_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size=chunk_size)
+
+
+def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      activation: bool = True) -> torch.Tensor:
+    """x [b, d, L], weight [d, w]: depthwise conv looking only backwards, then SiLU."""
+    w = weight.shape[-1]
+    y = F.conv1d(x, weight.unsqueeze(1), bias, padding=w - 1, groups=x.shape[1])[..., : x.shape[-1]]
+    return F.silu(y) if activation else y
+
+
+def causal_conv1d(x, weight, bias, use_kernel: bool = True) -> torch.Tensor:
+    if use_kernel and _cc1d is not None and x.is_cuda:
+        return _cc1d(x, weight, bias, activation="silu")
+    return causal_conv1d_ref(x, weight, bias)

@@ -1,0 +1,62 @@
+import pytest
+
+from jamba import JambaConfig, get_preset, parse_pattern, pattern_from_periods, periods_from_pattern
+from jamba.presets import PRESETS
+
+
+def test_defaults_match_transformers_layout():
+    cfg = JambaConfig()
+    assert cfg.mamba_dt_rank == 256
+    assert cfg.layers_block_type.count("attention") == 4
+    assert cfg.layers_block_type[4] == "attention" and cfg.layers_block_type[3] == "mamba"
+    assert cfg.layers_is_moe[1] and not cfg.layers_is_moe[0]
+
+
+@pytest.mark.parametrize("changes,field", [
+    (dict(attn_layer_offset=8), "attn_layer_offset"),
+    (dict(expert_layer_offset=2), "expert_layer_offset"),
+    (dict(num_attention_heads=3), "num_attention_heads"),
+    (dict(num_key_value_heads=5), "num_key_value_heads"),
+    (dict(num_experts_per_tok=17), "num_experts_per_tok"),
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(activation_checkpointing="sometimes"), "activation_checkpointing"),
+    (dict(layer_pattern="MMX"), "layer_pattern"),
+    (dict(layer_pattern="MM"), "layer_pattern"),
+    (dict(mamba_dt_rank=-1), "mamba_dt_rank"),
+])
+def test_invalid_configs_name_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        JambaConfig(**changes)
+
+
+def test_pattern_roundtrip():
+    p = pattern_from_periods(8, 8, 4, 2, 1)
+    assert p == "MMEMME*MEMME"
+    cfg = JambaConfig(num_hidden_layers=8, layer_pattern="M ME M ME | *E M ME M")
+    assert cfg.layers_block_type == ["mamba"] * 4 + ["attention"] + ["mamba"] * 3
+    assert cfg.layers_is_moe == [False, True, False, True, True, False, True, False]
+    assert periods_from_pattern(p) == dict(attn_layer_period=8, attn_layer_offset=4, expert_layer_period=2,
+                                           expert_layer_offset=1, has_moe=True)
+    assert periods_from_pattern("M*M*MM") is None  # not periodic
+    assert parse_pattern("*E") == [("*", True)]
+
+
+def test_periods_and_pattern_agree():
+    a = JambaConfig(num_hidden_layers=16, attn_layer_period=4, attn_layer_offset=1)
+    b = JambaConfig(num_hidden_layers=16, layer_pattern=a.pattern)
+    assert a.layers_block_type == b.layers_block_type and a.layers_is_moe == b.layers_is_moe
+
+
+def test_presets_build_and_unknown_name():
+    for name in PRESETS:
+        get_preset(name)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        get_preset("nope")
+
+
+def test_from_dict_rejects_unknown_keys():
+    d = JambaConfig().to_dict()
+    assert JambaConfig.from_dict(d) == JambaConfig()
+    d["hiden_size"] = 3
+    with pytest.raises(ValueError, match="hiden_size"):
+        JambaConfig.from_dict(d)
