@@ -19,15 +19,21 @@ from .config import JambaConfig
 from .experts import Experts
 
 
+def expert_counts(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens per expert without a host sync (torch.bincount on CUDA reads the max back to the host)."""
+    return torch.zeros(num_experts, dtype=torch.long, device=flat_idx.device).index_add_(
+        0, flat_idx, torch.ones_like(flat_idx))
+
+
 def local_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, experts: Experts) -> torch.Tensor:
-    """Sort the (token, slot) pairs by expert, run every expert at once, scatter-add back."""
-    k = topk_idx.shape[1]
+    """Sort the (token, slot) pairs by expert, run every expert at once, put rows back in (token, slot)
+    order with a permutation (no atomics) and sum the k weighted slots of each token."""
+    t, k = topk_idx.shape
     flat = topk_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    token = order // k
-    counts = torch.bincount(flat, minlength=experts.num_experts)
-    y = experts(x[token], counts) * topk_w.reshape(-1)[order, None]
-    return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+    y = experts(x[order // k], expert_counts(flat, experts.num_experts))
+    y = torch.empty_like(y).index_copy_(0, order, y).view(t, k, -1)
+    return (y * topk_w.unsqueeze(-1)).sum(1).to(x.dtype)
 
 
 class SparseMoE(nn.Module):
@@ -47,7 +53,7 @@ class SparseMoE(nn.Module):
         topk_w, topk_idx = torch.topk(probs, self.top_k, dim=-1)
         y = self.dispatcher(x, topk_idx, topk_w.to(x.dtype), self.experts)
 
-        counts = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts)
+        counts = expert_counts(topk_idx.reshape(-1), self.num_experts)
         prob_sum = probs.sum(0)
         z_sum = torch.logsumexp(logits, dim=-1).pow(2).sum()
         n = torch.tensor(float(x.shape[0]), device=x.device)

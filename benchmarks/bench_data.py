@@ -1,0 +1,130 @@
+"""Data pipeline benchmark: `prepare` MB/s on the built-in corpus and loader tokens/s per worker count.
+
+    python benchmarks/bench_data.py [--seq-len 4096] [--workers 1 4] [--seconds 5]
+
+The loader must never starve a GPU: the target is >= 1M tokens/s with 4 workers at seq_len 4096.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data import DataConfig, TokenLoader, ensure_builtin_corpus  # noqa: E402
+from data.prepare import prepare  # noqa: E402
+
+TARGET_TOKENS_PER_S = 1_000_000
+
+
+def bench_prepare(workers: int, tokenizer: str = "byte") -> tuple[float, float]:
+    """(MB/s of source text, seconds) for preparing the built-in corpus from scratch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        man = prepare(None, os.path.join(tmp, "stdlib"), tokenizer=tokenizer, workers=workers, progress=False)
+        dt = time.perf_counter() - t0
+    return man["source"]["bytes"] / 1e6 / dt, dt
+
+
+def bench_cli(tokenizer: str = "byte") -> float:
+    """Wall seconds of `python -m data.prepare` (cold interpreter, default process count, progress bar off)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "data.prepare",
+                "-o",
+                os.path.join(tmp, "stdlib"),
+                "--quiet",
+                "--tokenizer",
+                tokenizer,
+            ],
+            cwd=root,
+            check=True,
+            capture_output=True,
+        )
+        return time.perf_counter() - t0
+
+
+def bench_loader(path: str, workers: int, seq_len: int, batch: int, seconds: float) -> tuple[float, float]:
+    """(tokens/s in steady state, seconds to the first batch) for one rank reading the train split."""
+    loader = TokenLoader(DataConfig(path=path, seq_len=seq_len, micro_batch_size=batch, num_workers=workers))
+    t0 = time.perf_counter()
+    it = iter(loader)
+    next(it)
+    first = time.perf_counter() - t0
+    tokens, t1 = 0, time.perf_counter()
+    for x, _ in itertools.islice(it, 10**9):
+        tokens += x.numel()
+        if time.perf_counter() - t1 >= seconds:
+            break
+    rate = tokens / (time.perf_counter() - t1)
+    it.close()
+    return rate, first
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--path", default="data_cache/stdlib", help="prepared corpus (made if missing)")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 4])
+    p.add_argument("--seconds", type=float, default=5.0, help="measuring time per loader configuration")
+    p.add_argument("--skip-prepare", action="store_true")
+    p.add_argument("--bpe", action="store_true", help="also time the CLI training an 8192-token BPE (~1 min)")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("data.prepare").setLevel(logging.ERROR)  # the stdlib's 4 non-UTF-8 files
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*worker processes in total.*")  # 4 workers on 2 cores
+    rows = []
+    if not a.skip_prepare:
+        import webdataset  # noqa: F401 - imports torch; keep that one-off cost out of the MB/s
+
+        for workers in sorted({1, os.cpu_count() or 1}):
+            mbs, dt = bench_prepare(workers)
+            rows.append(
+                (
+                    f"prepare stdlib (API), byte tokenizer, {workers} process(es)",
+                    f"{mbs:.1f} MB/s",
+                    f"{dt:.1f} s",
+                )
+            )
+        for tok in ("byte", "bpe") if a.bpe else ("byte",):
+            rows.append(
+                (f"python -m data.prepare --tokenizer {tok} (cold CLI)", "-", f"{bench_cli(tok):.1f} s wall")
+            )
+    path = ensure_builtin_corpus(a.path)
+    for workers in a.workers:
+        rate, first = bench_loader(path, workers, a.seq_len, a.micro_batch_size, a.seconds)
+        verdict = (
+            "" if workers != 4 else (" (>= 1M: ok)" if rate >= TARGET_TOKENS_PER_S else " (< 1M: TOO SLOW)")
+        )
+        rows.append(
+            (
+                f"loader seq_len={a.seq_len} batch={a.micro_batch_size} num_workers={workers}",
+                f"{rate / 1e6:.2f}M tokens/s{verdict}",
+                f"first batch {first:.2f} s",
+            )
+        )
+    print(f"\nmachine: {os.cpu_count()} CPU cores, python {sys.version.split()[0]}\n")
+    w = max(len(r[0]) for r in rows)
+    print(f"| {'what':<{w}} | {'throughput':<28} | {'notes':<20} |")
+    print(f"|{'-' * (w + 2)}|{'-' * 30}|{'-' * 22}|")
+    for r in rows:
+        print(f"| {r[0]:<{w}} | {r[1]:<28} | {r[2]:<20} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Our Jamba vs transformers' JambaForCausalLM, same weights, same batches, same DeepSpeed recipe.
+
+    TORCH_CUDA_ARCH_LIST=9.0 python benchmarks/bench_vs_hf.py --runs bench-426m:8:2048 bench:4:4096 bench:2:4096
+
+Recipe for both: DeepSpeed ZeRO-1, bf16 mixed precision with fp32 master weights, torch fused AdamW
+(client optimizer, so no JIT build), clipping 1.0. Checks that the step-0 losses agree (1e-2 relative),
+then prints: ms/step, tokens/s, MFU (model FLOPs from jamba.counting, 989 TFLOP/s dense bf16 peak), peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from jamba import JambaForCausalLM, get_preset
+from jamba.counting import flops_per_token
+from jamba.hf_compat import config_to_hf, load_hf_state_dict
+from jamba.scan import kernels_available
+
+PEAK = 989e12
+
+
+def ds_config(micro_batch: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "gradient_clipping": 1.0,
+            "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def build_hf(cfg, ckpt: bool):
+    from transformers import JambaConfig as HFConfig
+    from transformers import JambaForCausalLM as HFJamba
+    hf_cfg = HFConfig(**{k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type")})
+    hf_cfg._attn_implementation = "sdpa"
+    hf_cfg.output_router_logits = True
+    hf_cfg.use_cache = False
+    torch.manual_seed(0)
+    m = HFJamba(hf_cfg)
+    if ckpt:
+        m.gradient_checkpointing_enable()
+    return m
+
+
+def hf_loss(m, x):
+    out = m(input_ids=x[:, :-1], use_cache=False, output_router_logits=True)
+    lm = F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
+    return lm, lm + m.config.router_aux_loss_coef * out.aux_loss
+
+
+def ours_loss(m, x):
+    out = m(x[:, :-1], labels=x[:, 1:])
+    return out.lm_loss, out.loss
+
+
+def run_one(name, cfg, batch, seq, steps, which, state_dict, ckpt):
+    import deepspeed
+    if which == "hf":
+        model = build_hf(cfg, ckpt)
+        loss_fn = hf_loss
+    else:
+        model = JambaForCausalLM(cfg.replace(activation_checkpointing="full" if ckpt else "none"), init=False)
+        load_hf_state_dict(model, state_dict)
+        loss_fn = ours_loss
+    model = model.cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(batch))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    batches = [torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda", generator=g) for _ in range(2)]
+    torch.cuda.reset_peak_memory_stats()
+    first, times = None, []
+    for i in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        lm, loss = loss_fn(engine, batches[i % 2])
+        engine.backward(loss)
+        engine.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        if i == 0:
+            first = float(lm)
+    ms = 1000 * sorted(times[2:])[len(times[2:]) // 2]
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del engine, model, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    return first, ms, peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="+", default=["bench-426m:8:2048", "bench:4:4096", "bench:2:4096"],
+                    help="preset:batch:seq[:ckpt]")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--which", default="hf,ours")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        os.environ.setdefault(k, v)
+    import deepspeed
+    import transformers
+    deepspeed.init_distributed()
+    lines = [f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
+             f"transformers {transformers.__version__}, python {platform.python_version()}, kernels {kernels_available()}, "
+             f"torch._grouped_mm {hasattr(torch, '_grouped_mm')}",
+             "", "| config | batch x seq | impl | ms/step | tokens/s | MFU | peak GiB | step-0 loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    print("\n".join(lines), flush=True)
+    for spec in args.runs:
+        preset, b, s, *rest = spec.split(":")
+        b, s, ckpt = int(b), int(s), bool(rest and rest[0] == "ckpt")
+        cfg = get_preset(preset)
+        fpt = flops_per_token(cfg, s)["total"]
+        ref_model = build_hf(cfg, False)
+        sd = {k: v.detach().clone() for k, v in ref_model.state_dict().items()}
+        del ref_model
+        losses, res = {}, {}
+        for which in args.which.split(","):
+            try:
+                first, ms, peak = run_one(preset, cfg, b, s, args.steps, which, sd, ckpt)
+                tok = b * s / (ms / 1000)
+                losses[which] = first
+                res[which] = ms
+                row = f"| {preset}{' ckpt' if ckpt else ''} | {b}x{s} | {which} | {ms:.0f} | {tok / 1e3:.1f}k | {100 * fpt * tok / PEAK:.1f}% | {peak:.1f} | {first:.4f} |"
+            except torch.OutOfMemoryError:
+                row = f"| {preset}{' ckpt' if ckpt else ''} | {b}x{s} | {which} | OOM | | | | |"
+                gc.collect()
+                torch.cuda.empty_cache()
+            lines.append(row)
+            print(row, flush=True)
+        if len(losses) == 2:
+            rel = abs(losses["hf"] - losses["ours"]) / abs(losses["hf"])
+            ok = "OK" if rel < 1e-2 else "MISMATCH"
+            speed = f", speed-up {res['hf'] / res['ours']:.2f}x" if len(res) == 2 else ""
+            line = f"step-0 loss rel diff {rel:.2e} ({ok}){speed}"
+            lines.append(line)
+            print(line, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

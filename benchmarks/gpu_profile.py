@@ -1,0 +1,73 @@
+"""Profile one training step of a preset on GPU and print the top CUDA kernels and per-module times.
+
+    python benchmarks/gpu_profile.py --preset bench --batch 2 --seq 4096 [--ckpt none]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from jamba import JambaForCausalLM, get_preset
+
+
+def tag_modules(model: torch.nn.Module) -> None:
+    """Wrap each layer part's forward in a record_function range so the profile groups by part."""
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("mamba", "self_attn", "feed_forward", "lm_head") or name.endswith("embed_tokens"):
+            kind = leaf if leaf != "feed_forward" else type(mod).__name__
+            fwd = mod.forward
+
+            def wrapped(*a, _f=fwd, _k=kind, **k):
+                with record_function(f"part::{_k}"):
+                    return _f(*a, **k)
+            mod.forward = wrapped
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--ckpt", default="none")
+    ap.add_argument("--rows", type=int, default=35)
+    args = ap.parse_args()
+    cfg = get_preset(args.preset, activation_checkpointing=args.ckpt)
+    m = JambaForCausalLM(cfg, seed=0).cuda().to(torch.bfloat16)
+    tag_modules(m)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda")
+
+    def step():
+        out = m(x[:, :-1], labels=x[:, 1:])
+        out.loss.backward()
+        with record_function("part::optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    print(f"step {1000 * (time.perf_counter() - t):.1f} ms")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    print(ka.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    parts = defaultdict(float)
+    for e in ka:
+        if e.key.startswith("part::"):
+            parts[e.key] += e.device_time_total / 1000
+    print("forward CUDA time by part (ms, includes nested):", {k: round(v, 1) for k, v in sorted(parts.items())})
+
+
+if __name__ == "__main__":
+    main()
