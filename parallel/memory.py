@@ -1,0 +1,152 @@
+"""Per-GPU memory estimate for a Jamba config under expert parallelism and ZeRO (used by `parallel.plan`).
+
+Notation: Pd dense parameters, Pe expert parameters (all experts of all layers), N ranks, EP size ep,
+EDP = N / ep ranks share each expert shard. Each rank holds Pd + Pe/ep parameters ("local").
+Bytes per parameter, by precision mode:
+    "autocast" (what train/ uses: fp32 weights, torch autocast to bf16 for the matmuls): weights 4, grads 4;
+    "bf16" (DeepSpeed's bf16 mode: the module cast to bf16): weights 2, grads 2;
+    "fp32": weights 4, grads 4, fp32 activations.
+    optimizer, always: 12 = fp32 master copy + exp_avg + exp_avg_sq (ZeRO-1/2 clone an fp32 master
+    partition even when the weights are fp32 already).
+ZeRO partitions over the ranks that hold the same tensor: dense over N, experts over EDP.
+    stage 0: nothing partitioned;  1: optimizer states;  2: + gradients;  3: + weights (only with ep == 1).
+Communication buckets (ZeRO 1/2): reduce bucket + all-gather bucket of `bucket_elems` each (train/zero.py
+uses 2e8), in the gradient dtype.
+
+Activations: what autograd keeps per token, in units of the hidden size h (elements of the activation
+dtype; fp32 tensors count twice), read off our modules with the GPU kernels (flash SDPA, mamba-ssm,
+causal-conv1d, grouped GEMM); d = mamba_expand * h, F = intermediate size, k = top-k:
+    RMSNorm (fp32 inside)         3h each, two per layer
+    attention                    6h   (q/k/v input, q, repeated k and v, output, o_proj input)
+    Mamba                        h + 2d + d + d + d + d   (in_proj input, xz, conv out, delta, scan out, gated y)
+    dense SwiGLU                 h + 4F
+    MoE (balanced routing)       h + k * (2h + 4F)   (router input; per routed row: input, gate_up out, silu,
+                                 product, output); a rank receiving more than its share needs more (dropless)
+A layer under activation checkpointing keeps only its input (h); the backward of one checkpointed layer
+recomputes it, so the largest checkpointed layer is added once more. The chunked cross-entropy adds
+loss_chunk_size * vocab * 8 bytes (fp32 logits and their gradient) transiently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from jamba import JambaConfig, JambaForCausalLM
+from jamba.experts import Experts
+
+GiB = 1024**3
+PRECISIONS = ("autocast", "bf16", "fp32")
+
+
+def precision_bytes(precision: str) -> tuple[int, int]:
+    """(bytes per weight or gradient, bytes per activation element)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return (2 if precision == "bf16" else 4), (4 if precision == "fp32" else 2)
+
+
+@dataclass
+class ParamCounts:
+    dense: int
+    expert: int  # all experts of all MoE layers
+    moe_layers: int
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert
+
+
+def count_params(cfg: JambaConfig) -> ParamCounts:
+    """Exact counts from the model code, built on the meta device (no memory, a few seconds at 52B)."""
+    with torch.device("meta"):
+        model = JambaForCausalLM(cfg, init=False)
+    expert_ids = {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters()}
+    seen, dense, expert = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in expert_ids:
+            expert += p.numel()
+        else:
+            dense += p.numel()
+    return ParamCounts(dense, expert, sum(cfg.layers_is_moe))
+
+
+def layer_activation_units(cfg: JambaConfig) -> list[float]:
+    """Saved activation elements per token for each layer, in units of h (see the module docstring)."""
+    h, F, k, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok, cfg.mamba_d_inner
+    out = []
+    for kind, moe in zip(cfg.layers_block_type, cfg.layers_is_moe, strict=True):
+        e = 2 * 3 * h
+        e += 6 * h if kind == "attention" else h + 6 * d
+        e += h + k * (2 * h + 4 * F) if moe else h + 4 * F
+        out.append(e / h)
+    return out
+
+
+def _checkpointed(mode: str, kind: str, moe: bool) -> bool:
+    return mode == "full" or (mode == "mamba" and kind == "mamba") or \
+        (mode == "attention" and kind == "attention") or (mode == "moe" and moe)
+
+
+def activation_bytes(cfg: JambaConfig, micro_batch: int, seq_len: int, mode: str, act_bytes: int) -> float:
+    tokens = micro_batch * seq_len
+    units = layer_activation_units(cfg)
+    kept, peak = 0.0, 0.0
+    for u, kind, moe in zip(units, cfg.layers_block_type, cfg.layers_is_moe, strict=True):
+        if _checkpointed(mode, kind, moe):
+            kept += 1.0
+            peak = max(peak, u)
+        else:
+            kept += u
+    per_token = (kept + peak) * cfg.hidden_size * act_bytes
+    loss = min(tokens, cfg.loss_chunk_size) * cfg.vocab_size * 8
+    return tokens * per_token + loss
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float
+    grads: float
+    optimizer: float
+    buckets: float
+    activations: float
+    activations_none: float
+    activations_full: float
+    local_dense: int
+    local_expert: int
+    dense_shard: float  # dense parameters per rank in each ZeRO partition
+    expert_shard: float
+
+    @property
+    def model_states(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.buckets
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.activations
+
+
+def estimate_memory(cfg: JambaConfig, counts: ParamCounts, world_size: int, ep: int, zero: int,
+                    micro_batch: int, seq_len: int, act_ckpt: str = "none", precision: str = "autocast",
+                    bucket_elems: float = 2e8) -> MemoryEstimate:
+    edp = world_size // ep
+    pb, ab = precision_bytes(precision)
+    local_dense, local_expert = counts.dense, counts.expert // ep
+    dense_shard, expert_shard = counts.dense / world_size, local_expert / edp
+
+    def maybe(partitioned: bool) -> float:
+        return (dense_shard + expert_shard) if partitioned else (local_dense + local_expert)
+
+    weights = pb * maybe(zero >= 3)
+    grads = pb * maybe(zero >= 2)
+    optimizer = 12 * maybe(zero >= 1)
+    buckets = 2 * bucket_elems * pb if zero in (1, 2) else 0.0
+    act = activation_bytes(cfg, micro_batch, seq_len, act_ckpt, ab)
+    return MemoryEstimate(weights, grads, optimizer, buckets, act,
+                          activation_bytes(cfg, micro_batch, seq_len, "none", ab),
+                          activation_bytes(cfg, micro_batch, seq_len, "full", ab),
+                          local_dense, local_expert, dense_shard, expert_shard)

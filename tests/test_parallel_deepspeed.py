@@ -1,0 +1,93 @@
+"""DeepSpeed ZeRO-1/2 with our expert parallelism (issue 5 part 5b, and 5c through DeepSpeed's own norm).
+
+A few AdamW steps with gradient clipping through `deepspeed.initialize` on gloo/CPU, fp32, EP=2, give the
+same parameters (all experts gathered) and the same clipped-gradient norms as one process that averages the
+losses of the router-statistics groups (see tests/test_parallel_ep.py for the convention).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_utils import run_distributed
+from test_parallel_ep import batch, tiny_cfg
+
+from jamba import JambaForCausalLM
+from parallel.expert_parallel import apply_expert_parallel, gather_full_state_dict
+from parallel.groups import init_process_groups
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before the import: DeepSpeed picks its accelerator then
+deepspeed = pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.distributed
+STEPS, LR, CLIP = 3, 1e-2, 0.5
+
+
+def reference(cfg, world: int, ep: int) -> tuple[dict, list[float]]:
+    model = JambaForCausalLM(cfg, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    norms = []
+    for s in range(STEPS):
+        for start in range(0, world, ep):
+            ranks = range(start, start + ep)
+            x = torch.cat([batch(r + 100 * s)[0] for r in ranks])
+            y = torch.cat([batch(r + 100 * s)[1] for r in ranks])
+            (model(x, labels=y).loss / (world // ep)).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
+        opt.step()
+        opt.zero_grad()
+    return model.state_dict(), norms
+
+
+def check_zero(stage: int, ep: int) -> None:
+    import deepspeed.comm.torch as ds_torch_comm
+
+    from parallel.deepspeed_moe import moe_param_groups, prepare_deepspeed_moe
+
+    ds_torch_comm.build_shm_op = lambda: None  # its JIT C++ build takes minutes on a small CI box; gloo is enough
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = tiny_cfg()
+    groups = init_process_groups(ep, cfg.num_experts)
+    model = JambaForCausalLM(cfg, seed=0)
+    apply_expert_parallel(model, ep, groups)
+    assert prepare_deepspeed_moe(model, groups) == 2
+    params = moe_param_groups([{"params": list(model.parameters()), "name": "decay"}])
+    assert sorted(bool(g.get("moe")) for g in params) == [False, True]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+              "steps_per_print": 10**6}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    assert engine.has_moe_layers
+    norms = []
+    for s in range(STEPS):
+        x, y = batch(rank + 100 * s)
+        engine.backward(engine(x, labels=y).loss)
+        engine.step()
+        norms.append(float(engine.get_global_grad_norm()))
+    got = gather_full_state_dict(engine.module, groups)
+    want, want_norms = reference(cfg, world, ep)
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(want_norms), rtol=1e-5, atol=1e-5)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"ZeRO-{stage} {k}: {m}")
+
+
+def run_two_ranks() -> None:
+    check_zero(1, 2)
+    check_zero(2, 2)
+
+
+def run_four_ranks() -> None:
+    check_zero(2, 2)  # EDP groups of 2: expert gradients reduced over them, dense over all 4
+
+
+@pytest.mark.timeout(200)
+def test_zero1_zero2_ep2_two_ranks_match_single_process():
+    run_distributed(run_two_ranks, 2, timeout=180)
+
+
+@pytest.mark.timeout(200)
+def test_zero2_ep2_four_ranks_match_single_process():
+    run_distributed(run_four_ranks, 4, timeout=180)
