@@ -17,8 +17,11 @@ except Exception:  # noqa: BLE001
     _gg = None
 
 
-def _grouped_mm_available(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: the autocast dtype under autocast (fp32 weights, bf16 math), else x's."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return x.dtype
 
 
 def experts_ref(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -55,6 +58,8 @@ class Experts(nn.Module):
         self.backend = "torch"
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if self.use_kernels and _grouped_mm_available(x):
-            return experts_grouped(x, counts, self.gate_up_proj, self.down_proj, self.backend)
+        dt = _compute_dtype(x)
+        if self.use_kernels and x.is_cuda and dt == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+            # autocast does not cover _grouped_mm: cast by hand (a no-op for bf16 weights)
+            return experts_grouped(x.to(dt), counts, self.gate_up_proj.to(dt), self.down_proj.to(dt), self.backend)
         return experts_ref(x, counts, self.gate_up_proj, self.down_proj)
