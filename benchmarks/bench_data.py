@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -25,7 +27,7 @@ TARGET_TOKENS_PER_S = 1_000_000
 
 
 def bench_prepare(workers: int, tokenizer: str = "byte") -> tuple[float, float]:
-    """(MB/s of source text, seconds) for preparing the built-in corpus from scratch."""
+    """(MB/s of source text, seconds) for preparing the built-in corpus from scratch, in this process."""
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         man = prepare(None, os.path.join(tmp, "stdlib"), tokenizer=tokenizer, workers=workers, progress=False)
@@ -33,27 +35,36 @@ def bench_prepare(workers: int, tokenizer: str = "byte") -> tuple[float, float]:
     return man["source"]["bytes"] / 1e6 / dt, dt
 
 
-def bench_cli(tokenizer: str = "byte") -> float:
-    """Wall seconds of `python -m data.prepare` (cold interpreter, default process count, progress bar off)."""
+def bench_cli(*args: str) -> tuple[float, float]:
+    """(MB/s of source text, wall seconds) of a cold `python -m data.prepare` on the built-in corpus."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "stdlib")
         t0 = time.perf_counter()
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "data.prepare",
-                "-o",
-                os.path.join(tmp, "stdlib"),
-                "--quiet",
-                "--tokenizer",
-                tokenizer,
-            ],
+            [sys.executable, "-m", "data.prepare", "-o", out, "--quiet", *args],
             cwd=root,
             check=True,
             capture_output=True,
         )
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        with open(os.path.join(out, "manifest.json")) as f:
+            return json.load(f)["source"]["bytes"] / 1e6 / dt, dt
+
+
+def short_doc_corpus(tmp: str, n_docs: int = 60_000) -> str:
+    """Worst case for per-document overhead: ~110-token documents (JSON lines), 16 MB shards."""
+    rng = random.Random(0)
+    src = os.path.join(tmp, "short.jsonl")
+    with open(src, "w") as f:
+        for _ in range(n_docs):
+            f.write(
+                json.dumps({"text": "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(20, 200)))})
+            )
+            f.write("\n")
+    out = os.path.join(tmp, "short")
+    prepare([src], out, workers=1, progress=False, shard_size_mb=16, val_fraction=0)
+    return out
 
 
 def bench_loader(path: str, workers: int, seq_len: int, batch: int, seconds: float) -> tuple[float, float]:
@@ -92,18 +103,18 @@ def main() -> None:
     if not a.skip_prepare:
         import webdataset  # noqa: F401 - imports torch; keep that one-off cost out of the MB/s
 
-        for workers in sorted({1, os.cpu_count() or 1}):
-            mbs, dt = bench_prepare(workers)
+        mbs, dt = bench_prepare(1)
+        rows.append(("prepare() stdlib, byte, in-process, warm imports", f"{mbs:.1f} MB/s", f"{dt:.1f} s"))
+        cpus = str(os.cpu_count() or 1)
+        runs = [("byte", "1"), ("byte", cpus)] + ([("bpe", cpus)] if a.bpe else [])
+        for tok, workers in runs:
+            mbs, dt = bench_cli("--tokenizer", tok, "--workers", workers)
             rows.append(
                 (
-                    f"prepare stdlib (API), byte tokenizer, {workers} process(es)",
+                    f"python -m data.prepare --tokenizer {tok} --workers {workers}",
                     f"{mbs:.1f} MB/s",
-                    f"{dt:.1f} s",
+                    f"{dt:.1f} s wall, cold",
                 )
-            )
-        for tok in ("byte", "bpe") if a.bpe else ("byte",):
-            rows.append(
-                (f"python -m data.prepare --tokenizer {tok} (cold CLI)", "-", f"{bench_cli(tok):.1f} s wall")
             )
     path = ensure_builtin_corpus(a.path)
     for workers in a.workers:
@@ -115,6 +126,16 @@ def main() -> None:
             (
                 f"loader seq_len={a.seq_len} batch={a.micro_batch_size} num_workers={workers}",
                 f"{rate / 1e6:.2f}M tokens/s{verdict}",
+                f"first batch {first:.2f} s",
+            )
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        short = short_doc_corpus(tmp)
+        rate, first = bench_loader(short, 4, a.seq_len, a.micro_batch_size, a.seconds)
+        rows.append(
+            (
+                "loader, 60k short docs (~110 tokens), num_workers=4",
+                f"{rate / 1e6:.2f}M tokens/s",
                 f"first batch {first:.2f} s",
             )
         )

@@ -1,0 +1,44 @@
+"""The one dataclass that configures the data component (loader side; `prepare` has its own CLI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared corpus lives and how it is cut into batches.
+
+    `path` is a directory holding `manifest.json` and the shards written by `python -m data.prepare`
+    (relative paths are relative to the CWD), a URL prefix (`https://host/corpus`), or a template
+    with `{name}` that webdataset can open, e.g. `pipe:aws s3 cp s3://bucket/corpus/{name} -`.
+    """
+
+    path: str = "data_cache/stdlib"
+    seq_len: int = 256
+    micro_batch_size: int = 4
+    seed: int = 1234
+    # DataLoader worker processes per rank; 0 reads in the training process.
+    num_workers: int = 0
+    # Independent shard streams the train data is split into; 0 means world_size * max(1, num_workers)
+    # at the first start. Fixed by the checkpointed state afterwards, and it bounds how many
+    # (rank, worker) slots a resume may use: set it (e.g. 64) if you expect to grow the job.
+    num_streams: int = 0
+    # Shuffle shards per epoch and documents per shard (seeded); False reads in stored order.
+    shuffle: bool = True
+    # Check every shard's size and sha256 against the manifest as it is read.
+    verify_checksums: bool = True
+    prefetch_factor: int = 2
+    pin_memory: bool = False
+    # Seconds a DataLoader worker may take for one batch before the main process raises (no hangs).
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "micro_batch_size", "prefetch_factor"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("num_workers", "num_streams"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if float(self.timeout_s) < 0:
+            raise ValueError(f"DataConfig.timeout_s must be >= 0, got {self.timeout_s!r}")
