@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import torch
@@ -41,7 +44,8 @@ def build_hf(cfg, ckpt: bool):
     hf_cfg.output_router_logits = True
     hf_cfg.use_cache = False
     torch.manual_seed(0)
-    m = HFJamba(hf_cfg)
+    with torch.device("cuda"):  # initialising 2.5B parameters on the host takes minutes
+        m = HFJamba(hf_cfg)
     if ckpt:
         m.gradient_checkpointing_enable()
     return m
@@ -50,7 +54,7 @@ def build_hf(cfg, ckpt: bool):
 def hf_loss(m, x):
     out = m(input_ids=x[:, :-1], use_cache=False, output_router_logits=True)
     lm = F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
-    return lm, lm + m.config.router_aux_loss_coef * out.aux_loss
+    return lm, lm + m.module.config.router_aux_loss_coef * out.aux_loss  # m: the DeepSpeed engine
 
 
 def ours_loss(m, x):
@@ -64,7 +68,8 @@ def run_one(name, cfg, batch, seq, steps, which, state_dict, ckpt):
         model = build_hf(cfg, ckpt)
         loss_fn = hf_loss
     else:
-        model = JambaForCausalLM(cfg.replace(activation_checkpointing="full" if ckpt else "none"), init=False)
+        with torch.device("cuda"):
+            model = JambaForCausalLM(cfg.replace(activation_checkpointing="full" if ckpt else "none"), init=False)
         load_hf_state_dict(model, state_dict)
         loss_fn = ours_loss
     model = model.cuda()
@@ -83,13 +88,31 @@ def run_one(name, cfg, batch, seq, steps, which, state_dict, ckpt):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         if i == 0:
-            first = float(lm)
+            first = float(lm.detach())
     ms = 1000 * sorted(times[2:])[len(times[2:]) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**30
     del engine, model, opt
     gc.collect()
     torch.cuda.empty_cache()
     return first, ms, peak
+
+
+def measure(spec: str, which: str, steps: int) -> dict:
+    """One (config, implementation) run; called in a fresh process so an OOM leaves nothing behind."""
+    preset, b, s, *rest = spec.split(":")
+    b, s, ckpt = int(b), int(s), bool(rest and rest[0] == "ckpt")
+    cfg = get_preset(preset)
+    sd = None
+    if which == "ours":  # the same weights as transformers' model: same seed, same init, then copied
+        ref = build_hf(cfg, False)
+        sd = {k: v.detach().cpu() for k, v in ref.state_dict().items()}
+        del ref
+        torch.cuda.empty_cache()
+    try:
+        first, ms, peak = run_one(preset, cfg, b, s, steps, which, sd, ckpt)
+    except torch.OutOfMemoryError:
+        return {"oom": True}
+    return {"first": first, "ms": ms, "peak": peak}
 
 
 def main() -> None:
@@ -99,14 +122,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--which", default="hf,ours")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: spec,which
     args = ap.parse_args()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "RANK": "0", "WORLD_SIZE": "1",
                  "LOCAL_RANK": "0"}.items():
         os.environ.setdefault(k, v)
+    if args.one:
+        import deepspeed
+        deepspeed.init_distributed()
+        spec, which = args.one.split(",")
+        print("RESULT " + json.dumps(measure(spec, which, args.steps)), flush=True)
+        return
     import deepspeed
     import transformers
-    deepspeed.init_distributed()
     lines = [f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
              f"transformers {transformers.__version__}, python {platform.python_version()}, kernels {kernels_available()}, "
              f"torch._grouped_mm {hasattr(torch, '_grouped_mm')}",
@@ -115,32 +144,31 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for spec in args.runs:
         preset, b, s, *rest = spec.split(":")
-        b, s, ckpt = int(b), int(s), bool(rest and rest[0] == "ckpt")
-        cfg = get_preset(preset)
-        fl = flops_per_token(cfg, s)
-        fpt, f6n = fl["total"], fl["matmul"]  # matmul = 6 x active matmul params: the issue's convention
-        ref_model = build_hf(cfg, False)
-        sd = {k: v.detach().clone() for k, v in ref_model.state_dict().items()}
-        del ref_model
+        b, s = int(b), int(s)
+        fl = flops_per_token(get_preset(preset), s)
         losses, res = {}, {}
         for which in args.which.split(","):
-            try:
-                first, ms, peak = run_one(preset, cfg, b, s, args.steps, which, sd, ckpt)
-                tok = b * s / (ms / 1000)
-                losses[which] = first
-                res[which] = ms
-                row = f"| {preset}{' ckpt' if ckpt else ''} | {b}x{s} | {which} | {ms:.0f} | {tok / 1e3:.1f}k | {100 * f6n * tok / PEAK:.1f}% | {100 * fpt * tok / PEAK:.1f}% | {peak:.1f} | {first:.4f} |"
-            except torch.OutOfMemoryError:
-                row = f"| {preset}{' ckpt' if ckpt else ''} | {b}x{s} | {which} | OOM | | | | | |"
-                gc.collect()
-                torch.cuda.empty_cache()
+            proc = subprocess.run([sys.executable, __file__, "--one", f"{spec},{which}", "--steps", str(args.steps)],
+                                  capture_output=True, text=True)
+            got = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            label = f"| {preset}{' ckpt' if rest else ''} | {b}x{s} | {which} |"
+            if not got:
+                row = f"{label} ERROR rc={proc.returncode}: {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ''} | | | | | |"
+            else:
+                r = json.loads(got[0][7:])
+                if r.get("oom"):
+                    row = f"{label} OOM | | | | | |"
+                else:
+                    tok = b * s / (r["ms"] / 1000)
+                    losses[which], res[which] = r["first"], r["ms"]
+                    row = (f"{label} {r['ms']:.0f} | {tok / 1e3:.1f}k | {100 * fl['matmul'] * tok / PEAK:.1f}% | "
+                           f"{100 * fl['total'] * tok / PEAK:.1f}% | {r['peak']:.1f} | {r['first']:.4f} |")
             lines.append(row)
             print(row, flush=True)
         if len(losses) == 2:
             rel = abs(losses["hf"] - losses["ours"]) / abs(losses["hf"])
-            ok = "OK" if rel < 1e-2 else "MISMATCH"
-            speed = f", speed-up {res['hf'] / res['ours']:.2f}x" if len(res) == 2 else ""
-            line = f"step-0 loss rel diff {rel:.2e} ({ok}){speed}"
+            line = (f"step-0 loss rel diff {rel:.2e} ({'OK' if rel < 1e-2 else 'MISMATCH'}), "
+                    f"speed-up {res['hf'] / res['ours']:.2f}x")
             lines.append(line)
             print(line, flush=True)
     if args.out:
