@@ -43,7 +43,8 @@ class MambaMixer(nn.Module):
         u = causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, use_kernel=self.use_kernels)
         dbc = self.x_proj(u.transpose(1, 2))  # [b, L, r + 2n]
         dt, B, C = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        # The norms return fp32 under autocast (fp32 weights); the CUDA scan wants B, C in u's dtype.
+        dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B).to(u.dtype), self.c_layernorm(C).to(u.dtype)
         delta = (self.dt_proj.weight @ dt.transpose(1, 2))  # bias is added in fp32 inside the scan
         A = -torch.exp(self.A_log.float())
         y = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z,

@@ -1,0 +1,1 @@
+"""Hydra configs for `python -m train` (YAML only; the schema is train/config.py)."""

@@ -1,0 +1,89 @@
+"""conf/ + train/config.py: composition, strictness, presets; no process is started."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from jamba import PRESETS
+from train.config import ConfigError, SpikePolicy, build_model_config, register, to_config, to_container
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+register()
+
+
+def load(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_defaults_are_the_cpu_debug_run():
+    cfg = to_config(load())
+    assert cfg.model.preset == "debug" and cfg.parallel.zero_stage == 1
+    assert cfg.logging.wandb.mode.value == "offline" and cfg.resume == "auto"
+    assert cfg.schedule.total_steps == cfg.trainer.max_steps  # interpolated
+    assert cfg.checkpoint.dir == "runs/debug/checkpoints"
+    mc = build_model_config(cfg.model, cfg.parallel.activation_checkpointing)
+    assert mc.hidden_size == PRESETS["debug"]["hidden_size"] and mc.extra == {"preset": "debug"}
+    plain = to_container(cfg)
+    assert plain["spikes"]["policy"] == "log" and plain["model"]["preset"] == "debug"
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_has_a_model_option(preset):
+    cfg = to_config(load(f"model={preset}"))
+    mc = build_model_config(cfg.model)
+    assert cfg.model.preset == preset and mc.num_hidden_layers == PRESETS[preset]["num_hidden_layers"]
+
+
+def test_overrides_reach_the_model_and_the_sections():
+    cfg = to_config(
+        load(
+            "model.hidden_size=64",
+            "model.num_attention_heads=4",
+            "optim.lr=1e-3",
+            "parallel=zero2",
+            "schedule=wsd",
+            "spikes.policy=rollback",
+            "parallel.activation_checkpointing=full",
+        )
+    )
+    mc = build_model_config(cfg.model, cfg.parallel.activation_checkpointing)
+    assert mc.hidden_size == 64 and mc.activation_checkpointing == "full"
+    assert cfg.optim.lr == 1e-3 and cfg.parallel.zero_stage == 2 and cfg.schedule.name.value == "wsd"
+    assert cfg.spikes.policy == SpikePolicy.rollback
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.lrr=1",
+        "model.hidden=3",
+        "trainer.max_steps=ten",
+        "spikes.policy=panic",
+        "parallel.precision=fp8",
+        "model=nonexistent",
+        "bogus=1",
+    ],
+)
+def test_unknown_keys_and_wrong_types_fail_at_composition(override):
+    with pytest.raises(ConfigCompositionException):
+        load(override)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("parallel.zero_stage=3", "parallel.zero_stage"),
+        ("optim.lr=-1", "optim.lr"),
+        ("checkpoint.keep_last=0", "keep_last"),
+        ("data.seq_len=0", "seq_len"),
+        ("model.num_attention_heads=5", "model"),
+        ("parallel.activation_checkpointing=some", "activation_checkpointing"),
+    ],
+)
+def test_range_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        cfg = to_config(load(override))
+        build_model_config(cfg.model, cfg.parallel.activation_checkpointing)

@@ -1,0 +1,1 @@
+"""`python -m train`: Hydra-configured DeepSpeed pretraining of Jamba models (see docs/train.md)."""

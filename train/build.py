@@ -1,0 +1,136 @@
+"""Building a run's parts from its config: data loaders, model, parallelism, DeepSpeed engine, metric sinks.
+
+Order (the trainer follows it): data -> model from jamba/ -> spread by parallel/ -> optimizer -> engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data import DataConfig, DataError, TokenLoader, ensure_builtin_corpus
+from jamba import JambaConfig, JambaForCausalLM
+from jamba.hf_compat import to_hf_state_dict
+from parallel.zero import deepspeed_config
+
+from .config import Config, ConfigError, Precision, WandbMode, build_model_config
+from .distributed import Dist, barrier
+from .metrics import ConsoleSink, JsonlSink, Metrics, WandbSink
+from .optim import SkippableAdamW, build_optimizer
+
+log = logging.getLogger("train.build")
+
+
+def build_data(dcfg: DataConfig, dist: Dist) -> tuple[TokenLoader, TokenLoader | None]:
+    """This rank's train stream and validation split (None, with a warning, when the corpus has none)."""
+    if os.path.normpath(dcfg.path) == os.path.normpath(DataConfig().path):  # the built-in corpus
+        if dist.is_main:
+            ensure_builtin_corpus(dcfg.path)  # prepared once, on first use
+        barrier()
+    try:
+        train = TokenLoader(dcfg, rank=dist.rank, world_size=dist.world_size, split="train")
+    except ValueError as e:  # the loader's layout checks (streams vs shards, ranks vs streams)
+        raise ConfigError(f"data: {e}") from None
+    try:
+        val = TokenLoader(dcfg, rank=dist.rank, world_size=dist.world_size, split="val")
+    except DataError as e:
+        log.warning("no validation: %s", e)
+        val = None
+    return train, val
+
+
+def build_model(cfg: Config, data_vocab_size: int) -> tuple[JambaConfig, JambaForCausalLM]:
+    model_cfg = build_model_config(cfg.model, cfg.parallel.activation_checkpointing)
+    if model_cfg.vocab_size < data_vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+            f"{data_vocab_size} ids of {cfg.data.path}; set model.vocab_size={data_vocab_size} or more"
+        )
+    return model_cfg, JambaForCausalLM(model_cfg, seed=cfg.trainer.seed)
+
+
+def apply_parallelism(model: nn.Module, cfg: Config, dist: Dist) -> None:
+    """Expert parallelism, in place; every rank calls it. ZeRO comes with the engine."""
+    ep = cfg.parallel.expert_parallel_size
+    if ep == 1:
+        return
+    if dist.world_size % ep:
+        raise ConfigError(
+            f"parallel.expert_parallel_size={ep} does not divide the world size {dist.world_size}"
+        )
+    try:
+        from parallel.expert_parallel import apply_expert_parallel
+    except ImportError as e:
+        raise ConfigError(
+            f"parallel.expert_parallel_size={ep} needs parallel.expert_parallel."
+            f"apply_expert_parallel, which cannot be imported ({e}); use expert_parallel_size=1"
+        ) from None
+    apply_expert_parallel(model, ep)
+    try:  # tell DeepSpeed's engine which parameters are experts (else ZeRO averages them over the world)
+        from parallel.deepspeed_moe import prepare_deepspeed_moe
+        from parallel.groups import get_process_groups
+    except ImportError:
+        log.warning("parallel.deepspeed_moe is missing: DeepSpeed will not treat expert parameters as MoE")
+    else:
+        prepare_deepspeed_moe(model, get_process_groups(ep))
+    log.info("expert parallelism: %d ranks share each MoE layer's experts", ep)
+
+
+def resolve_precision(p: Precision, device: torch.device) -> str:
+    if p == Precision.auto:
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return p.value
+
+
+def build_engine(model: nn.Module, cfg: Config, dist: Dist, precision: str):
+    """(DeepSpeed engine, our optimizer). The engine owns ZeRO partitioning, gradient accumulation and
+    clipping; the optimizer is the object whose param groups carry the LR and whose step can be skipped."""
+    import deepspeed
+
+    model.to(dist.device)
+    optimizer: SkippableAdamW = build_optimizer(model, cfg.optim, dist.device)
+    ds_config = deepspeed_config(
+        zero_stage=cfg.parallel.zero_stage,
+        micro_batch_size=cfg.data.micro_batch_size,
+        grad_accum_steps=cfg.trainer.grad_accum_steps,
+        grad_clip=cfg.optim.grad_clip,
+        precision=precision,
+        on_gpu=dist.device.type == "cuda",
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, optimizer
+
+
+def consolidated_state_dict(model: nn.Module, cfg: Config) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights in transformers' names (for jamba.export and train.eval), gathered over
+    expert parallelism. Collective; None where that is not possible."""
+    ep = cfg.parallel.expert_parallel_size
+    if ep == 1:
+        return to_hf_state_dict(model)
+    try:
+        from parallel.expert_parallel import gather_full_state_dict
+        from parallel.groups import get_process_groups
+    except ImportError:
+        return None
+    sd = gather_full_state_dict(model, get_process_groups(ep))
+    if model.lm_head.weight is model.model.embed_tokens.weight:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def build_metrics(cfg: Config, dist: Dist, config: dict, model_cfg: JambaConfig, wandb_id: str) -> Metrics:
+    """Console, JSONL and W&B sinks on rank 0; none elsewhere."""
+    if not dist.is_main:
+        return Metrics([])
+    lc, run_dir = cfg.logging, Path(cfg.run_dir).absolute()
+    sinks: list = [ConsoleSink(cfg.trainer.max_steps)]
+    if lc.jsonl:
+        sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
+    if lc.wandb.mode != WandbMode.disabled:
+        wb_config = {**config, "model_resolved": model_cfg.to_dict(), "world_size": dist.world_size}
+        sinks.append(WandbSink(lc.wandb, run_dir, cfg.run_name, wandb_id, wb_config))
+    return Metrics(sinks)

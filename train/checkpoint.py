@@ -1,0 +1,326 @@
+"""DeepSpeed checkpoints made atomic, with our own state as JSON and plain tensors.
+
+Layout of <checkpoint.dir>:
+    latest                      tag of the newest complete checkpoint (DeepSpeed's convention), replaced atomically
+    step_00000100/
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt     DeepSpeed: weights, ZeRO partitions
+        rng/rank_00000.pt ...   each rank's RNG states (plain tensors)
+        model_state.safetensors, model_config.json   the whole model for jamba.export and train.eval
+        trainer_state.json      step, samples, data-loader state, W&B run id, resolved config, param shapes
+
+Commit protocol: every rank writes its files, all ranks meet at a barrier, then rank 0 fsyncs the directory,
+writes trainer_state.json (tmp + rename) and only then points `latest` at it (tmp + rename). A checkpoint is
+complete iff it holds trainer_state.json, so a process killed at any moment of a save leaves `latest` on
+the previous complete checkpoint; the partial directory is ignored on resume and removed by the next save.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from parallel.zero import SAFE_GLOBALS
+
+from .config import CheckpointConfig, FaultConfig
+from .distributed import Dist, barrier
+
+log = logging.getLogger("train.checkpoint")
+STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "model_state.safetensors"  # names read by jamba/export.py
+MODEL_CONFIG_FILE = "model_config.json"
+LATEST = "latest"
+STATE_VERSION = 1
+_TAG = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used here (missing, incomplete, of another model); the message says why."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(d: Path) -> bool:
+    return (d / STATE_FILE).is_file()
+
+
+def _tags(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _TAG.match(p.name)) and p.is_dir())
+
+
+def find_latest(root: str | Path) -> Path | None:
+    """The checkpoint `latest` names if it is complete, else the newest complete one, else None."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if tag and is_complete(root / tag):
+            return root / tag
+        log.warning(
+            "%s names %r, which is not a complete checkpoint; looking for the newest complete one",
+            pointer,
+            tag,
+        )
+    done = [p for _, p in _tags(root) if is_complete(p)]
+    return done[-1] if done else None
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or a checkpoint root (then its latest complete checkpoint)."""
+    p = Path(path)
+    if is_complete(p):
+        return p
+    if p.is_dir() and (found := find_latest(p)) is not None:
+        return found
+    if p.is_dir() and _TAG.match(p.name):
+        raise CheckpointError(f"{p} is an incomplete checkpoint (no {STATE_FILE}: its save was interrupted)")
+    raise CheckpointError(
+        f"no complete checkpoint at {p} (expected a step_* directory holding {STATE_FILE}, "
+        f"or a directory of them)"
+    )
+
+
+def read_state(ckpt: Path) -> dict:
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {ckpt / STATE_FILE}: {e}") from None
+    if state.get("version") != STATE_VERSION:
+        raise CheckpointError(
+            f"{ckpt}: trainer state version {state.get('version')!r}, expected {STATE_VERSION}"
+        )
+    return state
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _safe_globals() -> list:
+    out = []
+    for dotted in SAFE_GLOBALS:
+        mod, _, name = dotted.rpartition(".")
+        out.append(getattr(importlib.import_module(mod), name))
+    return out
+
+
+def safe_load(path: str | Path, map_location=None):
+    """torch.load without running pickled code: tensors, containers and DeepSpeed's allow-listed data classes."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError or RuntimeError
+            raise CheckpointError(
+                f"{path} holds objects outside the weights_only allow-list ({e}). If you trust "
+                f"this checkpoint, set checkpoint.weights_only=false"
+            ) from None
+
+
+# ---- RNG states: plain tensors and numbers -------------------------------------------------------------
+def rng_state(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+        "python": torch.tensor(py_state[1], dtype=torch.int64),
+        "python_version": int(py_state[0]),
+        "python_gauss": py_state[2],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_gauss"][0],
+            state["numpy_gauss"][1],
+        )
+    )
+    random.setstate((state["python_version"], tuple(int(x) for x in state["python"]), state["python_gauss"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Checkpointer:
+    def __init__(self, cfg: CheckpointConfig, dist: Dist, faults: FaultConfig | None = None) -> None:
+        self.cfg, self.dist, self.faults = cfg, dist, faults or FaultConfig()
+        self.root = Path(cfg.dir).absolute()
+
+    def install_safe_loading(self, engine) -> None:
+        """Route DeepSpeed's own torch.load through `safe_load` (its checkpoint engine is pluggable)."""
+        if self.cfg.weights_only:
+            engine.checkpoint_engine.load = safe_load
+
+    def latest(self) -> Path | None:
+        return find_latest(self.root)
+
+    # ---- save ------------------------------------------------------------------------------------------
+    def save(self, engine, step: int, state: dict, weights: dict[str, torch.Tensor] | None = None) -> Path:
+        """Collective: every rank calls it with the same step. `state` (JSON-able, with "model_config") and
+        `weights` (the consolidated model, or None) are rank 0's."""
+        tag = tag_for(step)
+        path = self.root / tag
+        t0 = time.perf_counter()
+        if is_complete(path):  # never overwrite a complete checkpoint (a crash mid-save would lose it)
+            log.warning("%s is a complete checkpoint already; not saving over it", path)
+            return path
+        if self.dist.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # the partial directory of a save killed earlier
+                shutil.rmtree(path)
+        barrier()
+        engine.save_checkpoint(
+            str(self.root), tag=tag, client_state={"trainer_state": STATE_FILE}, save_latest=False
+        )
+        (path / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(self.dist.device), path / "rng" / f"rank_{self.dist.rank:05d}.pt")
+        if self.faults.kill_during_save_step == step:
+            log.warning(
+                "faults.kill_during_save_step=%d: killing this process in the middle of the save", step
+            )
+            os.kill(os.getpid(), signal.SIGKILL)
+        barrier()
+        if self.dist.is_main:
+            if weights is not None:
+                from safetensors.torch import save_file
+
+                save_file(
+                    {k: v.detach().to("cpu").contiguous() for k, v in weights.items()},
+                    str(path / WEIGHTS_FILE),
+                    metadata={"format": "pt", "step": str(step)},
+                )
+                (path / MODEL_CONFIG_FILE).write_text(json.dumps(state["model_config"], indent=1))
+            for f in sorted(path.rglob("*")):
+                if f.is_file():
+                    _fsync(f)
+            atomic_write(path / STATE_FILE, json.dumps({**state, "version": STATE_VERSION}, indent=1))
+            atomic_write(self.root / LATEST, tag)
+            for old in self.prune():
+                log.info("removed checkpoint %s", old.name)
+        barrier()
+        log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
+        return path
+
+    def prune(self) -> list[Path]:
+        """Rank 0, after a commit: keep the newest `keep_last` complete checkpoints and every `keep_every`-th
+        step; remove the rest and any partial directory (no save is in flight now)."""
+        done = [(s, p) for s, p in _tags(self.root) if is_complete(p)]
+        keep = {p for _, p in done[-self.cfg.keep_last :]}
+        keep |= {p for s, p in done if self.cfg.keep_every and s % self.cfg.keep_every == 0}
+        latest = find_latest(self.root)
+        removed = []
+        for _, p in _tags(self.root):
+            if p not in keep and p != latest:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        return removed
+
+    # ---- load ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _load_weights(engine, ckpt: Path, experts_only: bool) -> None:
+        """This rank's part of model_state.safetensors (its slice of every expert tensor under expert
+        parallelism) into the module, then into the ZeRO optimizer's fp32 copy."""
+        from safetensors.torch import load_file
+
+        from parallel.expert_parallel import load_full_state_dict
+
+        if not (ckpt / WEIGHTS_FILE).is_file():
+            raise CheckpointError(
+                f"{ckpt} has no {WEIGHTS_FILE} (written by a run that could not consolidate "
+                f"its weights); resume it on its own layout with optimizer states"
+            )
+        sd = load_file(str(ckpt / WEIGHTS_FILE))
+        if experts_only:
+            sd = {k: v for k, v in sd.items() if ".experts." in k}
+        with torch.no_grad():
+            res = load_full_state_dict(engine.module, sd, strict=False)
+        module = engine.module
+        tied = module.lm_head.weight is module.model.embed_tokens.weight
+        bad = [k for k in res.missing_keys if not (experts_only or (tied and k == "lm_head.weight"))]
+        if bad or res.unexpected_keys:
+            raise CheckpointError(
+                f"{ckpt / WEIGHTS_FILE} does not match the model: missing {bad[:5]}, "
+                f"unexpected {res.unexpected_keys[:5]}"
+            )
+        engine.optimizer.refresh_fp32_params()
+
+    def load(self, engine, ckpt: Path, *, optimizer: bool = True) -> dict:
+        """Collective: weights, optimizer partitions and this rank's RNG from `ckpt`; returns the trainer
+        state. optimizer=False: only the weights (from the consolidated file, so any layout can read them)
+        with fresh AdamW moments. Check the state (model shape, world size) first: DeepSpeed's own errors
+        on a mismatch are cryptic."""
+        state = read_state(ckpt)
+        if not optimizer:
+            self._load_weights(engine, ckpt, experts_only=False)
+        else:
+            # Expert parallelism tags our MoE layers for DeepSpeed (parallel/deepspeed_moe.py), whose loader
+            # then wants per-expert files in the layout of its own MoE layer, which its saver never writes for
+            # ours (its module file holds rank 0's experts only). Load as a dense model; every rank then takes
+            # its own experts from the consolidated weights.
+            moe, engine.has_moe_layers = engine.has_moe_layers, False
+            try:
+                loaded, _ = engine.load_checkpoint(
+                    str(ckpt.parent),
+                    tag=ckpt.name,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=False,
+                    load_module_strict=True,
+                )
+            except FileNotFoundError as e:
+                raise CheckpointError(f"{ckpt} lacks a file DeepSpeed needs: {e}") from None
+            finally:
+                engine.has_moe_layers = moe
+            if loaded is None:
+                raise CheckpointError(f"DeepSpeed could not load {ckpt} (files missing?)")
+            if moe:
+                self._load_weights(engine, ckpt, experts_only=True)
+        rng = ckpt / "rng" / f"rank_{self.dist.rank:05d}.pt"
+        if state.get("world_size") == self.dist.world_size and rng.is_file():
+            set_rng_state(safe_load(rng), self.dist.device)  # our own file: plain tensors and numbers
+        else:
+            log.warning(
+                "%s: no RNG state for rank %d of %d; keeping this run's seeds",
+                ckpt,
+                self.dist.rank,
+                self.dist.world_size,
+            )
+        return state

@@ -1,0 +1,318 @@
+"""Structured configs: one dataclass per component, the schema Hydra validates `conf/` and overrides against.
+
+Every YAML in conf/ and every command-line override is merged into `Config` in struct mode, so an
+unknown key or a value of the wrong type is an error before any process group or tensor exists.
+Range checks that a type cannot express live in each section's `validate()`, run by `to_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from data.config import DataConfig
+from jamba import JambaConfig, get_preset
+from jamba.config import CHECKPOINT_CHOICES
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+def _need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+# ---- model -----------------------------------------------------------------------------------------
+# `model.preset` names a flavor of jamba/presets.py; every JambaConfig field may be overridden
+# (`model.hidden_size=256`); None means "the preset's value". The schema is generated from JambaConfig
+# so the two never disagree. activation_checkpointing belongs to `parallel`, `extra` is bookkeeping.
+_MODEL_SKIP = ("activation_checkpointing", "extra")
+
+
+def _optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else Any  # e.g. mamba_dt_rank: int | "auto"
+    return tp if tp is Any else Optional[tp]  # noqa: UP045 - make_dataclass needs a runtime type
+
+
+_hints = typing.get_type_hints(JambaConfig)
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig",
+    [("preset", str, field(default="debug"))]
+    + [
+        (f.name, _optional(_hints[f.name]), field(default=None))
+        for f in dataclasses.fields(JambaConfig)
+        if f.name not in _MODEL_SKIP
+    ],
+)
+ModelConfig.__doc__ = "A jamba/ preset plus per-field overrides (None: the preset's value)."
+
+
+def build_model_config(model: Any, activation_checkpointing: str = "none") -> JambaConfig:
+    """The JambaConfig a `ModelConfig` describes; JambaConfig's own validation names a bad field."""
+    overrides = {k: v for k, v in dataclasses.asdict(model).items() if k != "preset" and v is not None}
+    try:
+        return get_preset(model.preset, activation_checkpointing=activation_checkpointing, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+# ---- optimizer and schedule ------------------------------------------------------------------------
+@dataclass
+class OptimConfig:
+    """AdamW; no weight decay on norms, biases, A_log, D (see parallel/zero.py)."""
+
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def validate(self) -> None:
+        _need(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        _need(self.weight_decay >= 0 and self.grad_clip >= 0, "optim.weight_decay/grad_clip", "must be >= 0")
+
+
+class Schedule(Enum):
+    cosine = "cosine"  # linear warmup, cosine decay to min_lr_ratio * lr at total_steps
+    wsd = "wsd"  # warmup-stable-decay: linear warmup, constant, linear decay over the last decay_fraction
+    constant = "constant"  # linear warmup, then constant
+
+
+@dataclass
+class ScheduleConfig:
+    name: Schedule = Schedule.cosine
+    warmup_steps: int = 100
+    total_steps: int = "${trainer.max_steps}"  # type: ignore[assignment]  # the decay's end
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd only
+
+    def validate(self) -> None:
+        _need(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
+        _need(self.total_steps >= 1, "schedule.total_steps", "must be >= 1")
+        _need(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", "must be in [0, 1]")
+        _need(0 < self.decay_fraction <= 1, "schedule.decay_fraction", "must be in (0, 1]")
+
+
+# ---- parallelism -----------------------------------------------------------------------------------
+class Precision(Enum):
+    auto = "auto"  # bf16 on a GPU, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"  # DeepSpeed torch_autocast: fp32 weights (A_log, D, dt bias stay fp32), bf16 matmuls
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 1  # DeepSpeed ZeRO 1 (optimizer states) or 2 (+ gradients) over data-parallel ranks
+    expert_parallel_size: int = 1  # ranks that split each MoE layer's experts (parallel/expert_parallel.py)
+    precision: Precision = Precision.auto
+    activation_checkpointing: str = "none"  # none | full | mamba | attention | moe
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | nccl | gloo
+    timeout_s: int = 600  # a collective waiting longer (e.g. a peer died) raises instead of hanging
+
+    def validate(self) -> None:
+        _need(
+            self.zero_stage in (1, 2),
+            "parallel.zero_stage",
+            f"must be 1 or 2, got {self.zero_stage} (train/ uses ZeRO-1/2; stage 1 costs nothing over DDP)",
+        )
+        _need(self.expert_parallel_size >= 1, "parallel.expert_parallel_size", "must be >= 1")
+        _need(
+            self.activation_checkpointing in CHECKPOINT_CHOICES,
+            "parallel.activation_checkpointing",
+            f"must be one of {CHECKPOINT_CHOICES}, got {self.activation_checkpointing!r}",
+        )
+        _need(
+            self.device in ("auto", "cpu", "cuda"), "parallel.device", f"auto|cpu|cuda, got {self.device!r}"
+        )
+        _need(
+            self.backend in ("auto", "nccl", "gloo"),
+            "parallel.backend",
+            f"auto|nccl|gloo, got {self.backend!r}",
+        )
+        _need(self.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+
+
+# ---- logging, checkpoints, spikes ----------------------------------------------------------------------
+class WandbMode(Enum):
+    offline = "offline"  # default: no account or network needed; `wandb sync <dir>` uploads later
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.offline
+    project: str = "jamba"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10  # steps between metric records (spike events are logged when they happen)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    jsonl: bool = True  # <run_dir>/metrics.jsonl
+    expert_load: bool = True  # fraction of tokens per expert per MoE layer
+    peak_tflops: float | None = None  # per device, for MFU; None: a known GPU's, or measured GEMM rate on CPU
+
+    def validate(self) -> None:
+        _need(self.interval >= 1, "logging.interval", "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "${run_dir}/checkpoints"
+    interval: int = 500  # steps between checkpoints; 0: only the final one
+    keep_last: int = 3  # newest checkpoints kept (>= 1)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
+    save_final: bool = True
+    # False: resume from the weights with fresh AdamW moments, e.g. on another number of ranks (DeepSpeed
+    # cannot re-partition ZeRO-1/2 optimizer states); step, data position and schedule still carry over.
+    load_optimizer_states: bool = True
+    # Load DeepSpeed's files with torch.load(weights_only=True) plus an allow-list of its plain data classes.
+    # Set false only for a checkpoint you trust that needs more (it then may run pickled code).
+    weights_only: bool = True
+
+    def validate(self) -> None:
+        _need(self.interval >= 0 and self.keep_every >= 0, "checkpoint.interval/keep_every", "must be >= 0")
+        _need(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (the one `latest` points at)")
+
+
+class SpikePolicy(Enum):
+    log = "log"  # record the spike, apply the update (non-finite gradients are never applied)
+    skip_batch = "skip_batch"  # no update for the step
+    rollback = "rollback"  # restore the last checkpoint, keep reading data after the offending batch
+
+
+@dataclass
+class SpikeConfig:
+    policy: SpikePolicy = SpikePolicy.log
+    start_step: int = "${schedule.warmup_steps}"  # type: ignore[assignment]  # no verdicts before
+    window: int = 50  # running statistics over the last `window` accepted step losses
+    min_history: int = 10
+    sigmas: float = 6.0  # spike: loss > mean + max(sigmas * std, min_jump * mean)
+    min_jump: float = 0.1
+    max_rollbacks: int = (
+        3  # more than this many rollbacks in one run is an error (the data or LR is the cause)
+    )
+
+    def validate(self) -> None:
+        _need(
+            self.window >= 2 and 2 <= self.min_history <= self.window,
+            "spikes.window/min_history",
+            "need 2 <= min_history <= window",
+        )
+        _need(self.sigmas > 0 and self.min_jump >= 0, "spikes.sigmas/min_jump", "sigmas > 0, min_jump >= 0")
+
+
+@dataclass
+class FaultConfig:
+    """Deliberate failures, to test and drill the recovery paths. Leave empty in real runs."""
+
+    loss_spike_steps: list[int] = field(default_factory=list)  # multiply the loss by loss_spike_scale
+    loss_spike_scale: float = 10.0
+    nan_loss_steps: list[int] = field(default_factory=list)  # make the loss NaN
+    kill_during_save_step: int = 0  # SIGKILL this process while the checkpoint of this step is written
+    die_at_step: int = 0  # rank `die_rank` exits abruptly at the start of this step
+    die_rank: int = 0
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000  # optimizer steps
+    grad_accum_steps: int = 1  # micro-batches per optimizer step and rank
+    seed: int = 1234  # model init (same on every rank) and torch RNG (seed + rank)
+    eval_interval: int = 100  # steps between validation passes; 0: only at the end
+    eval_batches: int = 10  # micro-batches per rank per validation pass; 0: the whole val split
+
+    def validate(self) -> None:
+        _need(
+            self.max_steps >= 1 and self.grad_accum_steps >= 1,
+            "trainer.max_steps/grad_accum_steps",
+            "must be >= 1",
+        )
+        _need(
+            self.eval_interval >= 0 and self.eval_batches >= 0,
+            "trainer.eval_interval/eval_batches",
+            "must be >= 0",
+        )
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)  # type: ignore[valid-type]
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    spikes: SpikeConfig = field(default_factory=SpikeConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run_name: str = "${model.preset}"
+    run_dir: str = "runs/${run_name}"  # the same on every rank: no timestamps (see docs/train.md)
+    resume: str = "auto"  # auto: the newest complete checkpoint in checkpoint.dir, if any | never | <path>
+
+    def validate(self) -> None:
+        """Range checks (run by `to_config`; __post_init__ would also run on the schema's unresolved defaults)."""
+        _need(bool(self.run_name) and "/" not in self.run_name, "run_name", f"bad name {self.run_name!r}")
+        for section in (
+            self.optim,
+            self.schedule,
+            self.parallel,
+            self.logging,
+            self.checkpoint,
+            self.spikes,
+            self.trainer,
+        ):
+            section.validate()
+
+
+def env_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun, deepspeed); 0 without a launcher."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _rank0(value: Any, other: Any = None) -> Any:
+    return value if env_rank() == 0 else other
+
+
+def register() -> None:
+    """Schema and resolvers for Hydra; idempotent. `${rank0:a,b}` is a on rank 0 and b elsewhere, so only
+    rank 0 writes Hydra's .hydra/ and log file."""
+    if not OmegaConf.has_resolver("rank0"):
+        OmegaConf.register_new_resolver("rank0", _rank0)
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Resolve interpolations and run every section's range checks."""
+    try:
+        out: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except ValueError as e:  # DataConfig's checks, and OmegaConf's validation errors
+        raise ConfigError(str(e)) from None
+    out.validate()
+    return out
+
+
+def to_container(cfg: Config) -> dict:
+    """Plain JSON-able dict (enums as their names) for checkpoints, W&B and JSONL."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore

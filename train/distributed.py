@@ -1,0 +1,103 @@
+"""Process group from the launcher's environment: the same code under torchrun, deepspeed or no launcher.
+
+torchrun and the deepspeed launcher both set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT;
+a plain `python -m train` is a world of one. gloo on CPU, NCCL on GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, ParallelConfig
+
+log = logging.getLogger("train.distributed")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(pcfg: ParallelConfig, local_rank: int) -> torch.device:
+    want = pcfg.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("parallel.device=cuda, but torch sees no CUDA GPU")
+    if want == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible")
+    return torch.device("cuda", local_rank)
+
+
+def init(pcfg: ParallelConfig) -> Dist:
+    """Join (or, alone, create) the default process group through DeepSpeed, which needs it anyway."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world == 1 and "MASTER_ADDR" not in os.environ:  # no launcher: a world of one
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        )
+    device = resolve_device(pcfg, local_rank)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    else:
+        torch.cuda.set_device(device)
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        if arch:  # "9.0a" (arch-specific suffix) makes deepspeed.initialize fail parsing it as an int
+            os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d+\.\d+)a\b", r"\1", arch)
+    backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("parallel.backend=nccl needs parallel.device=cuda")
+
+    import deepspeed
+    import deepspeed.ops
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (about 100 s on a fresh machine)
+    # that only its inference path uses; training collectives go through torch.distributed.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(
+        dist_backend=backend, timeout=datetime.timedelta(seconds=pcfg.timeout_s), verbose=False
+    )
+    d = Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    if d.world_size != world:
+        raise RuntimeError(f"WORLD_SIZE={world} but the process group has {d.world_size} ranks")
+    log.info("rank %d/%d on %s (%s)", d.rank, d.world_size, device, backend)
+    return d
+
+
+def all_reduce_(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

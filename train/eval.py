@@ -1,0 +1,113 @@
+"""Loss and perplexity of a checkpoint on a validation split: `python -m train.eval <checkpoint> [options]`.
+
+<checkpoint> is a step_* directory or a checkpoint root (then its latest complete checkpoint). The model
+comes from its model_config.json + model_state.safetensors (no pickled code is run); the data defaults to
+the split the run validated on. One process; prints a JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from data import DataConfig, DataError, TokenLoader
+from jamba import JambaConfig, JambaForCausalLM
+from jamba.hf_compat import load_hf_state_dict
+
+from .checkpoint import MODEL_CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_state, resolve
+
+log = logging.getLogger("train.eval")
+
+
+def load_model(ckpt: Path, device: torch.device) -> JambaForCausalLM:
+    weights, config = ckpt / WEIGHTS_FILE, ckpt / MODEL_CONFIG_FILE
+    if not (weights.is_file() and config.is_file()):
+        raise CheckpointError(
+            f"{ckpt} has no {WEIGHTS_FILE} / {MODEL_CONFIG_FILE} (saved by a run that could not "
+            f"consolidate its weights)"
+        )
+    from safetensors.torch import load_file
+
+    cfg = JambaConfig.from_dict({**json.loads(config.read_text()), "activation_checkpointing": "none"})
+    model = JambaForCausalLM(cfg, init=False)
+    load_hf_state_dict(model, load_file(str(weights)))
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def evaluate(model: JambaForCausalLM, loader: TokenLoader, max_batches: int, device: torch.device) -> dict:
+    total, n_tok, n_batches = 0.0, 0, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for x, y in loader:
+        if max_batches and n_batches >= max_batches:
+            break
+        with autocast:
+            out = model(x.to(device), labels=y.to(device))
+        n = int((y != -100).sum())
+        total, n_tok, n_batches = total + float(out.lm_loss) * n, n_tok + n, n_batches + 1
+    if n_tok == 0:
+        raise DataError("the validation split gave no batches")
+    loss = total / n_tok
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n_tok, "batches": n_batches}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m train.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="prepared corpus (default: the run's data.path)")
+    p.add_argument("--split", default="val", choices=("val", "train"))
+    p.add_argument("--seq-len", type=int, help="default: the run's data.seq_len")
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument(
+        "--batches", type=int, default=0, help="at most this many batches (0: the whole val split)"
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        ckpt = resolve(a.checkpoint)
+        state = read_state(ckpt)
+        run_data = state["config"]["data"]
+        dcfg = DataConfig(
+            path=a.data or run_data["path"],
+            seq_len=a.seq_len or run_data["seq_len"],
+            micro_batch_size=a.micro_batch_size,
+        )
+        if a.split == "train" and not a.batches:
+            raise ValueError("--split train is infinite: give --batches")
+        device = torch.device(a.device)
+        model = load_model(ckpt, device)
+        loader = TokenLoader(dcfg, split=a.split)
+        if loader.vocab_size > model.config.vocab_size:
+            raise DataError(
+                f"{dcfg.path} has {loader.vocab_size} token ids, the model {model.config.vocab_size}"
+            )
+        result = evaluate(model, loader, a.batches, device)
+    except (CheckpointError, DataError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(ckpt),
+                "step": state["step"],
+                "data": dcfg.path,
+                "split": a.split,
+                "seq_len": dcfg.seq_len,
+                **result,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

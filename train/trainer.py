@@ -1,0 +1,350 @@
+"""The training loop: build, resume, then step / evaluate / log / checkpoint until max_steps.
+
+One optimizer step = `grad_accum_steps` micro-batches per rank. Its loss and router statistics are
+all-reduced in one small tensor, so every rank takes the same decisions (spike policy, stop signal).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from data import DataError
+
+from . import distributed as D
+from .build import (
+    apply_parallelism,
+    build_data,
+    build_engine,
+    build_metrics,
+    build_model,
+    consolidated_state_dict,
+    resolve_precision,
+)
+from .checkpoint import Checkpointer, read_state
+from .config import Config, SpikePolicy, to_container
+from .optim import lr_multiplier, set_lr
+from .resume import check_compatible, find_checkpoint
+from .spikes import SpikeDetector, is_finite, largest_layer_grad_norm
+from .throughput import flops_per_token, memory_gb, peak_flops
+
+log = logging.getLogger("train")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist: D.Dist) -> None:
+        self.cfg, self.dist = cfg, dist
+        self.run_dir = Path(cfg.run_dir).absolute()
+        torch.manual_seed(cfg.trainer.seed + dist.rank)
+        self.train_data, self.val_data = build_data(cfg.data, dist)
+        self.model_cfg, model = build_model(cfg, self.train_data.vocab_size)
+        self.param_shapes = {n: list(p.shape) for n, p in model.named_parameters()}
+        self.moe_layers = [i for i, moe in enumerate(self.model_cfg.layers_is_moe) if moe]
+        self.precision = resolve_precision(cfg.parallel.precision, dist.device)
+        self.config = to_container(cfg)
+        self.global_batch = cfg.data.micro_batch_size * cfg.trainer.grad_accum_steps * dist.world_size
+        self.checkpointer = Checkpointer(cfg.checkpoint, dist, cfg.faults)
+        resume_from = find_checkpoint(cfg.resume, self.checkpointer)
+        if resume_from is not None:  # a different model is an error now, before DeepSpeed starts
+            check_compatible(
+                resume_from,
+                read_state(resume_from),
+                self.param_shapes,
+                self.model_cfg.to_dict(),
+                self.config,
+                self.global_batch,
+                dist.world_size,
+            )
+        apply_parallelism(model, cfg, dist)
+        self.engine, self.optimizer = build_engine(model, cfg, dist, self.precision)
+        self.checkpointer.install_safe_loading(self.engine)
+        self.spikes = SpikeDetector(cfg.spikes)
+        self.step = self.samples = self.tokens = self.rollbacks = self.skipped = 0
+        self.last_saved: int | None = None
+        self.wandb_id = uuid.uuid4().hex[:8]
+        self.stop_requested = self.rollback_requested = False
+        self.faulted_steps: set[int] = set()
+        if resume_from is None:
+            log.info("starting a new run in %s", self.run_dir)
+        else:
+            self._resume(resume_from)
+        self.train_iter = iter(self.train_data)
+        self.metrics = build_metrics(cfg, dist, self.config, self.model_cfg, self.wandb_id)
+        self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len, model)
+        self.peak_flops = peak_flops(dist.device, cfg.logging.peak_tflops)
+        n = sum(p.numel() for p in model.parameters())
+        log.info(
+            "model %s: %.2fM parameters on this rank, %s, ZeRO-%d, %d ranks, global batch %d x %d tokens",
+            cfg.model.preset,
+            n / 1e6,
+            self.precision,
+            cfg.parallel.zero_stage,
+            dist.world_size,
+            self.global_batch,
+            cfg.data.seq_len,
+        )
+
+    # ---- resume and checkpoints ----------------------------------------------------------------------
+    def _resume(self, ckpt: Path) -> None:
+        state = self.checkpointer.load(self.engine, ckpt, optimizer=self.cfg.checkpoint.load_optimizer_states)
+        self._set_state(state, data=True)
+        self.last_saved = self.step if ckpt.parent.absolute() == self.checkpointer.root else None
+        log.info("resumed from %s: step %d, %d samples", ckpt, self.step, self.samples)
+
+    def _set_state(self, state: dict, data: bool) -> None:
+        self.step, self.samples, self.tokens = state["step"], state["samples"], state["tokens"]
+        self.wandb_id = state.get("wandb_run_id") or self.wandb_id
+        self.spikes.load_state_dict(state.get("spikes", {}))
+        self.rollbacks = max(self.rollbacks, state.get("rollbacks", 0))
+        if not data:
+            return
+        old_path = state.get("config", {}).get("data", {}).get("path")
+        try:
+            self.train_data.load_state_dict(state["data"])
+        except ValueError as e:
+            if old_path == self.cfg.data.path:
+                raise DataError(f"cannot continue the data stream of the checkpoint: {e}") from None
+            log.warning(
+                "data.path changed from %s to %s and holds another corpus: reading it from its start",
+                old_path,
+                self.cfg.data.path,
+            )
+
+    def _state(self) -> dict:
+        return {
+            "step": self.step,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "data": self.train_data.state_dict(),
+            "wandb_run_id": self.wandb_id,
+            "config": self.config,
+            "model_config": self.model_cfg.to_dict(),
+            "param_shapes": self.param_shapes,
+            "spikes": self.spikes.state_dict(),
+            "rollbacks": self.rollbacks,
+            "world_size": self.dist.world_size,
+            "global_batch_size": self.global_batch,
+            "precision": self.precision,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+
+    def save(self) -> None:
+        if self.last_saved == self.step:
+            return
+        weights = consolidated_state_dict(self.engine.module, self.cfg)
+        self.checkpointer.save(self.engine, self.step, self._state(), weights if self.dist.is_main else None)
+        self.last_saved = self.step
+
+    def _rollback(self) -> None:
+        """Restore the newest checkpoint but keep the data position (past the offending batch)."""
+        ckpt = self.checkpointer.latest()
+        if ckpt is None:
+            log.warning("spike policy rollback: no checkpoint yet, the update was skipped instead")
+            return
+        self.rollbacks += 1
+        if self.rollbacks > self.cfg.spikes.max_rollbacks:
+            raise RuntimeError(
+                f"{self.rollbacks} rollbacks (spikes.max_rollbacks={self.cfg.spikes.max_rollbacks}): "
+                f"the spikes persist; lower optim.lr or inspect the data near step {self.step}"
+            )
+        failed_step, count = self.step, self.spikes.count
+        state = read_state(ckpt)  # written by this layout, unless the run resumed on a new one since
+        self.checkpointer.load(self.engine, ckpt, optimizer=state.get("world_size") == self.dist.world_size)
+        self._set_state(state, data=False)
+        self.spikes.count, self.last_saved = count, self.step
+        self.metrics.event(
+            "rollback", failed_step, **{"rollback/to_step": self.step, "rollback/count": self.rollbacks}
+        )
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def _micro_loss(self, out, step: int) -> torch.Tensor:
+        """The loss to back-propagate; injected faults fire on a step's first attempt only (not after a rollback)."""
+        loss, f = out.loss, self.cfg.faults
+        if step not in self.faulted_steps:
+            if step in f.loss_spike_steps:
+                loss = loss * f.loss_spike_scale
+            if step in f.nan_loss_steps:
+                loss = loss * float("nan")
+        return loss
+
+    def _forward_backward(self, step: int) -> torch.Tensor:
+        """Every micro-batch of the step, forward and backward; returns the all-reduced statistics
+        [loss, lm_loss, aux, z, stop | aux per MoE layer | tokens per expert per MoE layer], on the CPU.
+        They accumulate on the device, so there is one sync per step."""
+        gas, L, E = self.cfg.trainer.grad_accum_steps, len(self.moe_layers), self.model_cfg.num_experts
+        acc = torch.zeros(5 + L + L * E, dtype=torch.float64, device=self.dist.device)
+        for micro in range(gas):
+            x, y = next(self.train_iter)
+            dev = self.dist.device
+            out = self.engine(x.to(dev, non_blocking=True), labels=y.to(dev, non_blocking=True))
+            loss = self._micro_loss(out, step)
+            self.engine.backward(loss)
+            acc[0] += loss.detach()
+            acc[1] += out.lm_loss.detach()
+            if out.router_stats:
+                acc[2] += out.aux_loss.detach()
+                acc[3] += out.z_loss.detach()
+                for i, s in enumerate(out.router_stats):
+                    acc[5 + i] += s["aux_loss"].detach()
+                    acc[5 + L + i * E : 5 + L + (i + 1) * E] += s["tokens_per_expert"].detach()
+            if micro < gas - 1:
+                self.engine.step()  # DeepSpeed counts micro-steps; the update happens at the boundary
+        self.faulted_steps.add(step)
+        acc[4] = float(self.stop_requested)
+        acc = D.all_reduce_(acc).cpu()
+        acc[:4] /= gas * self.dist.world_size
+        acc[5 : 5 + L] /= gas * self.dist.world_size
+        return acc
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns its metrics (the same on every rank)."""
+        cfg, step = self.cfg, self.step + 1  # `step` counts optimizer steps from 1
+        if cfg.faults.die_at_step == step and self.dist.rank == cfg.faults.die_rank:
+            log.error("faults.die_at_step=%d: rank %d exits abruptly", step, self.dist.rank)
+            os._exit(17)
+        lr = cfg.optim.lr * lr_multiplier(self.step, cfg.schedule)
+        set_lr(self.optimizer, lr)
+        acc = self._forward_backward(step)
+        loss = float(acc[0])
+        # The verdict comes from all-reduced values: every rank skips, applies or rolls back alike.
+        kind, threshold = self.spikes.check_loss(step, loss)
+        skip = kind == "nonfinite_loss" or (kind is not None and cfg.spikes.policy != SpikePolicy.log)
+        layer = largest_layer_grad_norm(self.engine.module) if kind else None
+        self.optimizer.skip = skip
+        self.engine.step()
+        self.optimizer.skip = False
+        gnorm = self.engine.get_global_grad_norm()
+        gnorm = float(gnorm) if gnorm is not None else float("nan")
+        if kind is None and not is_finite(gnorm):
+            kind, skip = "nonfinite_grad", True  # ZeRO found inf/nan gradients and did not step
+        self.step, self.samples = step, self.samples + self.global_batch
+        self.tokens += self.global_batch * cfg.data.seq_len
+        self.stop_requested = self.stop_requested or bool(acc[4] > 0)
+        if kind is None:
+            self.spikes.accept(loss)
+        else:
+            self._on_spike(kind, loss, threshold, gnorm, layer, skip)
+        m = {
+            "train/loss": loss,
+            "train/lm_loss": float(acc[1]),
+            "train/lr": lr,
+            "train/grad_norm": gnorm,
+            "train/samples": self.samples,
+            "train/tokens": self.tokens,
+            "train/skipped_steps": self.skipped,
+        }
+        return {**m, **self._moe_metrics(acc)}
+
+    def _moe_metrics(self, acc: torch.Tensor) -> dict:
+        L, E = len(self.moe_layers), self.model_cfg.num_experts
+        if not L:
+            return {}
+        m = {"train/aux_loss": float(acc[2]), "train/z_loss": float(acc[3])}
+        load = acc[5 + L :].view(L, E)
+        load = load / load.sum(1, keepdim=True).clamp(min=1)  # fraction of the layer's token slots
+        for i, layer in enumerate(self.moe_layers):
+            m[f"moe/aux_loss/layer{layer}"] = float(acc[5 + i])
+            m[f"moe/load_max/layer{layer}"] = float(load[i].max()) * E  # 1.0 = perfectly balanced
+            if self.cfg.logging.expert_load:
+                m.update({f"moe/load/layer{layer}/expert{e}": float(load[i, e]) for e in range(E)})
+        return m
+
+    def _on_spike(self, kind: str, loss: float, threshold, gnorm: float, layer, skipped: bool) -> None:
+        policy = self.cfg.spikes.policy
+        self.spikes.count += 1
+        self.skipped += int(skipped)
+        rollback = policy == SpikePolicy.rollback and self.checkpointer.latest() is not None
+        fields = {
+            "spike/kind": kind,
+            "spike/loss": loss,
+            "spike/threshold": threshold,
+            "spike/grad_norm": gnorm,
+            "spike/policy": policy.value,
+            "spike/count": self.spikes.count,
+            "spike/action": "rolled_back" if rollback else "skipped" if skipped else "applied",
+        }
+        if layer is not None:
+            fields["spike/max_layer"], fields["spike/max_layer_grad_norm"] = layer
+        self.metrics.event("spike", self.step, **fields)
+        self.rollback_requested = policy == SpikePolicy.rollback
+
+    # ---- evaluation ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.val_data is None:
+            return {}
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for i, (x, y) in enumerate(self.val_data):
+            if self.cfg.trainer.eval_batches and i >= self.cfg.trainer.eval_batches:
+                break
+            out = self.engine(x.to(self.dist.device), labels=y.to(self.dist.device))
+            n = float((y != -100).sum())
+            total += torch.tensor([float(out.lm_loss) * n, n], dtype=torch.float64)
+        self.engine.train()
+        D.all_reduce_(total)
+        loss = float(total[0] / total[1].clamp(min=1))
+        return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        cfg, tc = self.cfg, self.cfg.trainer
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm / launchers: save, then stop
+            signal.signal(sig, self._request_stop)
+        if self.step >= tc.max_steps:
+            log.info("already at step %d of trainer.max_steps=%d: nothing to do", self.step, tc.max_steps)
+            return
+        busy, steps, first, evaluated = 0.0, 0, self.step + 1, False
+        while self.step < tc.max_steps and not self.stop_requested:
+            t0 = time.perf_counter()
+            m = self.train_step()
+            busy, steps = busy + time.perf_counter() - t0, steps + 1
+            if self.step % cfg.logging.interval == 0 or self.step in (first, tc.max_steps):
+                dt = busy / steps  # time in train steps only (not eval or checkpoints)
+                tps = self.global_batch * cfg.data.seq_len / dt
+                m.update(
+                    {
+                        "perf/step_time_s": dt,
+                        "perf/tokens_per_s": tps,
+                        "perf/eta_s": dt * (tc.max_steps - self.step),
+                        **memory_gb(self.dist.device),
+                    }
+                )
+                flops = tps * self.flops_per_token / self.dist.world_size  # model FLOP/s per device
+                m["perf/tflops_per_device"] = flops / 1e12
+                if self.peak_flops:
+                    m["perf/mfu"] = flops / self.peak_flops
+                self.metrics.log(self.step, m)
+                busy, steps = 0.0, 0
+            if self.rollback_requested:
+                self.rollback_requested = False
+                self._rollback()
+                continue
+            evaluated = bool(tc.eval_interval) and self.step % tc.eval_interval == 0
+            if evaluated:
+                self._log_eval()
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                self.save()
+        if self.stop_requested:
+            log.warning("stop requested (signal): saving step %d and exiting", self.step)
+        elif not evaluated:
+            self._log_eval()
+        if cfg.checkpoint.save_final or self.stop_requested:
+            self.save()
+
+    def _log_eval(self) -> None:
+        if m := self.evaluate():
+            self.metrics.log(self.step, m)
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def close(self) -> None:
+        self.metrics.close()
