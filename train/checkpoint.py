@@ -6,6 +6,10 @@ Layout of <checkpoint.dir>:
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt     DeepSpeed: weights, ZeRO partitions
         rng/rank_00000.pt ...   each rank's RNG states (plain tensors)
         model_state.safetensors, model_config.json   the whole model for jamba.export and train.eval
+        experts_ep<r>.safetensors   expert parallelism: EP position r's experts (global ids in the metadata);
+                                    each rank reloads its own from these (parallel/checkpoint.py)
+        portable/                   checkpoint.portable=true: full fp32 masters + Adam moments per parameter
+                                    (experts per EP position), for a resume on another world / EP size
         trainer_state.json      step, samples, data-loader state, W&B run id, resolved config, param shapes
 
 Commit protocol: every rank writes its files, all ranks meet at a barrier, then rank 0 fsyncs the directory,
@@ -211,6 +215,11 @@ class Checkpointer:
         engine.save_checkpoint(
             str(self.root), tag=tag, client_state={"trainer_state": STATE_FILE}, save_latest=False
         )
+        from parallel.checkpoint import save_local_experts, save_portable
+
+        save_local_experts(engine.module, path)  # DeepSpeed's files hold rank 0's experts only
+        if self.cfg.portable:
+            save_portable(engine, path)
         (path / "rng").mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(self.dist.device), path / "rng" / f"rank_{self.dist.rank:05d}.pt")
         if self.faults.kill_during_save_step == step:
@@ -256,6 +265,41 @@ class Checkpointer:
 
     # ---- load ------------------------------------------------------------------------------------------
     @staticmethod
+    def _load_deepspeed(engine, ckpt: Path) -> None:
+        """Same layout: DeepSpeed's files (dense weights, this rank's ZeRO partitions), then this rank's
+        experts from our per-EP-position files. DeepSpeed's loader wants per-expert files in the layout of
+        its own MoE layer, which its saver never writes for ours (its module file holds rank 0's experts
+        only): it loads as a dense model."""
+        from parallel.checkpoint import _ep_position, _expert_files, load_local_experts
+
+        moe, engine.has_moe_layers = engine.has_moe_layers, False
+        try:
+            loaded, _ = engine.load_checkpoint(
+                str(ckpt.parent),
+                tag=ckpt.name,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+                load_module_strict=True,
+            )
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{ckpt} lacks a file DeepSpeed needs: {e}") from None
+        finally:
+            engine.has_moe_layers = moe
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load {ckpt} (files missing?)")
+        if _ep_position(engine.module)[1] == 1:
+            return
+        if _expert_files(ckpt):
+            try:
+                load_local_experts(engine.module, ckpt)
+            except (OSError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{ckpt}: cannot read this rank's experts: {e}") from None
+            if not engine.zero_load_from_fp32_weights():  # else ZeRO's fp32 masters are restored already
+                engine.optimizer.refresh_fp32_params()
+        else:  # a checkpoint from before the per-EP-position files
+            Checkpointer._load_weights(engine, ckpt, experts_only=True)
+
+    @staticmethod
     def _load_weights(engine, ckpt: Path, experts_only: bool) -> None:
         """This rank's part of model_state.safetensors (its slice of every expert tensor under expert
         parallelism) into the module, then into the ZeRO optimizer's fp32 copy."""
@@ -286,33 +330,36 @@ class Checkpointer:
     def load(self, engine, ckpt: Path, *, optimizer: bool = True) -> dict:
         """Collective: weights, optimizer partitions and this rank's RNG from `ckpt`; returns the trainer
         state. optimizer=False: only the weights (from the consolidated file, so any layout can read them)
-        with fresh AdamW moments. Check the state (model shape, world size) first: DeepSpeed's own errors
-        on a mismatch are cryptic."""
+        with fresh AdamW moments. On another layout (world size or expert-parallel size) the optimizer
+        states come from the checkpoint's portable state, if it has one. Check the state (model shape,
+        world size) first: DeepSpeed's own errors on a mismatch are cryptic."""
+        from parallel.checkpoint import _ep_position, has_portable, load_portable
+
         state = read_state(ckpt)
+        saved_ep = state.get("config", {}).get("parallel", {}).get("expert_parallel_size", 1)
+        same_layout = (state.get("world_size"), saved_ep) == (
+            self.dist.world_size,
+            _ep_position(engine.module)[1],
+        )
         if not optimizer:
             self._load_weights(engine, ckpt, experts_only=False)
-        else:
-            # Expert parallelism tags our MoE layers for DeepSpeed (parallel/deepspeed_moe.py), whose loader
-            # then wants per-expert files in the layout of its own MoE layer, which its saver never writes for
-            # ours (its module file holds rank 0's experts only). Load as a dense model; every rank then takes
-            # its own experts from the consolidated weights.
-            moe, engine.has_moe_layers = engine.has_moe_layers, False
-            try:
-                loaded, _ = engine.load_checkpoint(
-                    str(ckpt.parent),
-                    tag=ckpt.name,
-                    load_optimizer_states=True,
-                    load_lr_scheduler_states=False,
-                    load_module_strict=True,
+        elif not same_layout:
+            if not has_portable(ckpt):
+                raise CheckpointError(
+                    f"{ckpt} was written by {state.get('world_size')} ranks (expert-parallel size {saved_ep}) "
+                    f"without a portable optimizer state (checkpoint.portable=true); this run has "
+                    f"{self.dist.world_size} (expert-parallel size {_ep_position(engine.module)[1]}). Resume on "
+                    f"the same layout, or set checkpoint.load_optimizer_states=false"
                 )
-            except FileNotFoundError as e:
-                raise CheckpointError(f"{ckpt} lacks a file DeepSpeed needs: {e}") from None
-            finally:
-                engine.has_moe_layers = moe
-            if loaded is None:
-                raise CheckpointError(f"DeepSpeed could not load {ckpt} (files missing?)")
-            if moe:
-                self._load_weights(engine, ckpt, experts_only=True)
+            step = load_portable(engine, ckpt)
+            log.info(
+                "%s: weights and Adam states (step %d) from its portable state, re-split over %d ranks",
+                ckpt,
+                step,
+                self.dist.world_size,
+            )
+        else:
+            self._load_deepspeed(engine, ckpt)
         rng = ckpt / "rng" / f"rank_{self.dist.rank:05d}.pt"
         if state.get("world_size") == self.dist.world_size and rng.is_file():
             set_rng_state(safe_load(rng), self.dist.device)  # our own file: plain tensors and numbers

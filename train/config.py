@@ -185,6 +185,10 @@ class CheckpointConfig:
     # False: resume from the weights with fresh AdamW moments, e.g. on another number of ranks (DeepSpeed
     # cannot re-partition ZeRO-1/2 optimizer states); step, data position and schedule still carry over.
     load_optimizer_states: bool = True
+    # Also write a topology-free optimizer state (full fp32 masters + Adam moments per parameter, experts by
+    # global id; parallel/checkpoint.py): a resume on another world size or expert-parallel size then keeps
+    # the optimizer states. Costs another 12 bytes per parameter on disk and a gather per parameter at save.
+    portable: bool = False
     # Load DeepSpeed's files with torch.load(weights_only=True) plus an allow-list of its plain data classes.
     # Set false only for a checkpoint you trust that needs more (it then may run pickled code).
     weights_only: bool = True

@@ -1,10 +1,13 @@
-"""Which checkpoint a run continues from, and whether it may: a changed model shape is an error; any other
-changed setting (LR, data path, batch size, world size) is allowed and logged."""
+"""Which checkpoint a run continues from, and whether it may: a changed model shape is an error; so is a
+changed world size or expert-parallel size with optimizer states, unless the checkpoint has a portable state
+(checkpoint.portable=true); any other changed setting (LR, data path, batch size) is allowed and logged."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+
+from parallel.checkpoint import has_portable
 
 from .checkpoint import Checkpointer, CheckpointError, read_state, resolve
 
@@ -77,13 +80,16 @@ def check_compatible(
         )
     old, new = _flatten(state.get("config", {})), _flatten(config)
     layout = (state.get("world_size"), old.get("parallel.expert_parallel_size"))
-    if layout != (world_size, new.get("parallel.expert_parallel_size")) and new.get(
-        "checkpoint.load_optimizer_states"
+    if (
+        layout != (world_size, new.get("parallel.expert_parallel_size"))
+        and new.get("checkpoint.load_optimizer_states")
+        and not has_portable(ckpt)
     ):
         raise CheckpointError(
             f"{ckpt} was written by {layout[0]} ranks (expert-parallel size {layout[1]}); this run has {world_size} "
             f"(expert-parallel size {new.get('parallel.expert_parallel_size')}). DeepSpeed cannot re-partition "
-            f"ZeRO optimizer states: resume on the same layout, or set checkpoint.load_optimizer_states=false to "
+            f"ZeRO optimizer states and this checkpoint has no portable state (saved with checkpoint.portable=true): "
+            f"resume on the same layout, or set checkpoint.load_optimizer_states=false to "
             f"continue from the weights with fresh AdamW moments (step, data position and schedule carry over)"
         )
     for key in sorted(set(old) | set(new)):
