@@ -76,3 +76,18 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return groups
+
+
+def skip_cpu_shm_build() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (about 100 s on a fresh machine)
+    that only its inference path uses; training collectives go through torch.distributed. Call before
+    deepspeed.init_distributed / the first engine."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspeed import
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

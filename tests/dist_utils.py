@@ -22,6 +22,9 @@ import torch.multiprocessing as mp
 
 def _worker(rank: int, fn: Callable, world_size: int, store_path: str, timeout: float, args: tuple) -> None:
     torch.set_num_threads(1)  # N ranks on a 2-core machine; also keeps forked OpenMP pools out of the way
+    from parallel.zero import skip_cpu_shm_build
+
+    skip_cpu_shm_build()  # else the first DeepSpeed engine compiles a C++ op for ~100 s
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1")
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,

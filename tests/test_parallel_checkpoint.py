@@ -32,11 +32,8 @@ EP, SAVE_AT, MORE, LR = 2, 2, 3, 1e-2
 
 
 def build(ep: int, gas: int, seed: int, stats_scope: str = "ep"):
-    import deepspeed.comm.torch as ds_torch_comm
-
     from parallel.deepspeed_moe import moe_param_groups, prepare_deepspeed_moe
 
-    ds_torch_comm.build_shm_op = lambda: None  # its JIT C++ build takes minutes on a small box; gloo is enough
     cfg = tiny_cfg()
     groups = init_process_groups(ep, cfg.num_experts)
     model = JambaForCausalLM(cfg, seed=seed)

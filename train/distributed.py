@@ -71,12 +71,11 @@ def init(pcfg: ParallelConfig) -> Dist:
         raise ConfigError("parallel.backend=nccl needs parallel.device=cuda")
 
     import deepspeed
-    import deepspeed.ops
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (about 100 s on a fresh machine)
-    # that only its inference path uses; training collectives go through torch.distributed.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from parallel.zero import skip_cpu_shm_build
+
+    skip_cpu_shm_build()
     deepspeed.init_distributed(
         dist_backend=backend, timeout=datetime.timedelta(seconds=pcfg.timeout_s), verbose=False
     )
