@@ -60,27 +60,35 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (y, h) if return_last_state else y
 
 
-def linear_scan(a: torch.Tensor, x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """h_t = a_t h_{t-1} + x_t along dim 1 of [b, L, d, n], h_{-1} = 0, without autograd.
+def linear_scan(a: torch.Tensor, x: torch.Tensor, chunk: int, reverse: bool = False) -> torch.Tensor:
+    """h_t = a_t h_{t-1} + x_t along dim 1 of [b, L, d, n], h_{-1} = 0, without autograd
+    (reverse=True: h_t = a_t h_{t+1} + x_t, h_L = 0).
 
     Two passes of O(L) work and chunk + L/chunk Python steps (not L): first every chunk is scanned
-    from zero, all chunks at once, position by position; then each chunk adds its predecessor's final
+    from zero, all chunks at once, position by position; then each chunk adds its neighbour's final
     state times the running product of its decays. Every factor is in (0, 1]: nothing can overflow."""
     b, L, d, n = x.shape
     T = max(1, min(chunk, L))
     c = -(-L // T)
     pad = c * T - L
-    if pad:
+    if pad:  # padding at the end is inert either way: a = 1, x = 0
         a = F.pad(a, (0, 0, 0, 0, 0, pad), value=1.0)
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
     a = a.reshape(b, c, T, d, n)
     h = x.reshape(b, c, T, d, n).clone()
     p = a.clone()  # running product of decays within each chunk
-    for t in range(1, T):
-        h[:, :, t] += a[:, :, t] * h[:, :, t - 1]
-        p[:, :, t] *= p[:, :, t - 1]
-    for j in range(1, c):
-        h[:, j] += p[:, j] * h[:, j - 1, -1:]
+    if not reverse:
+        for t in range(1, T):
+            h[:, :, t] += a[:, :, t] * h[:, :, t - 1]
+            p[:, :, t] *= p[:, :, t - 1]
+        for j in range(1, c):
+            h[:, j] += p[:, j] * h[:, j - 1, -1:]
+    else:
+        for t in range(T - 2, -1, -1):
+            h[:, :, t] += a[:, :, t] * h[:, :, t + 1]
+            p[:, :, t] *= p[:, :, t + 1]
+        for j in range(c - 2, -1, -1):
+            h[:, j] += p[:, j] * h[:, j + 1, :1]
     return h.reshape(b, c * T, d, n)[:, :L]
 
 
@@ -99,9 +107,11 @@ class _LinearRecurrence(torch.autograd.Function):
     def backward(ctx, g):
         a, h = ctx.saved_tensors
         a_next = F.pad(a[:, 1:], (0, 0, 0, 0, 0, 1))
-        lam = linear_scan(a_next.flip(1), g.flip(1), ctx.chunk).flip(1)
-        h_prev = F.pad(h[:, :-1], (0, 0, 0, 0, 1, 0))
-        return lam * h_prev, lam, None
+        lam = linear_scan(a_next, g.contiguous(), ctx.chunk, reverse=True)
+        da = lam.clone()
+        da[:, 0] = 0
+        da[:, 1:] *= h[:, :-1]
+        return da, lam, None
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
