@@ -31,15 +31,24 @@ PEAK = 989e12
 
 
 def ds_config(micro_batch: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "gradient_clipping": 1.0,
-            "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 1},
+        "bf16": {"enabled": True},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
 
 
 def build_hf(cfg, ckpt: bool):
     from transformers import JambaConfig as HFConfig
     from transformers import JambaForCausalLM as HFJamba
-    hf_cfg = HFConfig(**{k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type")})
+
+    hf_cfg = HFConfig(
+        **{k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type")}
+    )
     hf_cfg._attn_implementation = "sdpa"
     hf_cfg.output_router_logits = True
     hf_cfg.use_cache = False
@@ -64,19 +73,24 @@ def ours_loss(m, x):
 
 def run_one(name, cfg, batch, seq, steps, which, state_dict, ckpt):
     import deepspeed
+
     if which == "hf":
         model = build_hf(cfg, ckpt)
         loss_fn = hf_loss
     else:
         with torch.device("cuda"):
-            model = JambaForCausalLM(cfg.replace(activation_checkpointing="full" if ckpt else "none"), init=False)
+            model = JambaForCausalLM(
+                cfg.replace(activation_checkpointing="full" if ckpt else "none"), init=False
+            )
         load_hf_state_dict(model, state_dict)
         loss_fn = ours_loss
     model = model.cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(batch))
     g = torch.Generator(device="cuda").manual_seed(1)
-    batches = [torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda", generator=g) for _ in range(2)]
+    batches = [
+        torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda", generator=g) for _ in range(2)
+    ]
     torch.cuda.reset_peak_memory_stats()
     first, times = None, []
     for i in range(steps):
@@ -117,30 +131,44 @@ def measure(spec: str, which: str, steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", nargs="+", default=["bench-426m:8:2048", "bench:4:4096", "bench:2:4096"],
-                    help="preset:batch:seq[:ckpt]")
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        default=["bench-426m:8:2048", "bench:4:4096", "bench:2:4096"],
+        help="preset:batch:seq[:ckpt]",
+    )
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--which", default="hf,ours")
     ap.add_argument("--out", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: spec,which
     args = ap.parse_args()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "RANK": "0", "WORLD_SIZE": "1",
-                 "LOCAL_RANK": "0"}.items():
+    for k, v in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29511",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }.items():
         os.environ.setdefault(k, v)
     if args.one:
         import deepspeed
+
         deepspeed.init_distributed()
         spec, which = args.one.split(",")
         print("RESULT " + json.dumps(measure(spec, which, args.steps)), flush=True)
         return
     import deepspeed
     import transformers
-    lines = [f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
-             f"transformers {transformers.__version__}, python {platform.python_version()}, kernels {kernels_available()}, "
-             f"torch._grouped_mm {hasattr(torch, '_grouped_mm')}",
-             "", "| config | batch x seq | impl | ms/step | tokens/s | MFU (6N) | MFU (all FLOPs) | peak GiB | step-0 loss |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    lines = [
+        f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
+        f"transformers {transformers.__version__}, python {platform.python_version()}, kernels {kernels_available()}, "
+        f"torch._grouped_mm {hasattr(torch, '_grouped_mm')}",
+        "",
+        "| config | batch x seq | impl | ms/step | tokens/s | MFU (6N) | MFU (all FLOPs) | peak GiB | step-0 loss |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     print("\n".join(lines), flush=True)
     for spec in args.runs:
         preset, b, s, *rest = spec.split(":")
@@ -148,8 +176,11 @@ def main() -> None:
         fl = flops_per_token(get_preset(preset), s)
         losses, res = {}, {}
         for which in args.which.split(","):
-            proc = subprocess.run([sys.executable, __file__, "--one", f"{spec},{which}", "--steps", str(args.steps)],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", f"{spec},{which}", "--steps", str(args.steps)],
+                capture_output=True,
+                text=True,
+            )
             got = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             label = f"| {preset}{' ckpt' if rest else ''} | {b}x{s} | {which} |"
             if not got:
@@ -161,14 +192,18 @@ def main() -> None:
                 else:
                     tok = b * s / (r["ms"] / 1000)
                     losses[which], res[which] = r["first"], r["ms"]
-                    row = (f"{label} {r['ms']:.0f} | {tok / 1e3:.1f}k | {100 * fl['matmul'] * tok / PEAK:.1f}% | "
-                           f"{100 * fl['total'] * tok / PEAK:.1f}% | {r['peak']:.1f} | {r['first']:.4f} |")
+                    row = (
+                        f"{label} {r['ms']:.0f} | {tok / 1e3:.1f}k | {100 * fl['matmul'] * tok / PEAK:.1f}% | "
+                        f"{100 * fl['total'] * tok / PEAK:.1f}% | {r['peak']:.1f} | {r['first']:.4f} |"
+                    )
             lines.append(row)
             print(row, flush=True)
         if len(losses) == 2:
             rel = abs(losses["hf"] - losses["ours"]) / abs(losses["hf"])
-            line = (f"step-0 loss rel diff {rel:.2e} ({'OK' if rel < 1e-2 else 'MISMATCH'}), "
-                    f"speed-up {res['hf'] / res['ours']:.2f}x")
+            line = (
+                f"step-0 loss rel diff {rel:.2e} ({'OK' if rel < 1e-2 else 'MISMATCH'}), "
+                f"speed-up {res['hf'] / res['ours']:.2f}x"
+            )
             lines.append(line)
             print(line, flush=True)
     if args.out:

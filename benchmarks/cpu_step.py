@@ -1,6 +1,6 @@
 """CPU forward+backward time of a preset (default: `debug` at batch 4 x seq 256).
 
-    python benchmarks/cpu_step.py [--preset debug] [--batch 4] [--seq 256] [--threads 2]
+python benchmarks/cpu_step.py [--preset debug] [--batch 4] [--seq 256] [--threads 2]
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ def main() -> None:
         times.append(time.perf_counter() - t)
         m.zero_grad(set_to_none=True)
     t = times[2:]
-    print(f"| preset | batch x seq | threads | fwd+bwd median | min |\n| --- | --- | --- | --- | --- |\n"
-          f"| {args.preset} | {args.batch}x{args.seq} | {args.threads} | {1000 * statistics.median(t):.0f} ms | "
-          f"{1000 * min(t):.0f} ms |")
+    print(
+        f"| preset | batch x seq | threads | fwd+bwd median | min |\n| --- | --- | --- | --- | --- |\n"
+        f"| {args.preset} | {args.batch}x{args.seq} | {args.threads} | {1000 * statistics.median(t):.0f} ms | "
+        f"{1000 * min(t):.0f} ms |"
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,13 @@ import torch
 
 from jamba import JambaForCausalLM, get_preset
 from jamba.experts import experts_grouped, experts_ref
-from jamba.scan import causal_conv1d, causal_conv1d_ref, kernels_available, selective_scan, selective_scan_chunked
+from jamba.scan import (
+    causal_conv1d,
+    causal_conv1d_ref,
+    kernels_available,
+    selective_scan,
+    selective_scan_chunked,
+)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -36,8 +42,16 @@ def scan_check(rows):
     gr = torch.autograd.grad(y_ref, ins, gy)
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
     rows.append(("selective_scan (mamba-ssm) fwd", f"{b}x{d}x{L} n={n}", rel(y, y_ref)))
-    rows.append(("selective_scan bwd (worst input)", "", max(rel(a, c) for a, c in zip(gk, gr))))
-    rows.append(("  per-input grad rel err", "", json.dumps({k: round(rel(a, c), 7) for k, a, c in zip(names, gk, gr)})))
+    rows.append(
+        ("selective_scan bwd (worst input)", "", max(rel(a, c) for a, c in zip(gk, gr, strict=False)))
+    )
+    rows.append(
+        (
+            "  per-input grad rel err",
+            "",
+            json.dumps({k: round(rel(a, c), 7) for k, a, c in zip(names, gk, gr, strict=False)}),
+        )
+    )
 
 
 def conv_check(rows):
@@ -48,14 +62,14 @@ def conv_check(rows):
     g = torch.randn_like(y)
     gk, gr = torch.autograd.grad(y, (x, w, bias), g), torch.autograd.grad(y_ref, (x, w, bias), g)
     rows.append(("causal_conv1d fwd", "2x512x2048 w=4", rel(y, y_ref)))
-    rows.append(("causal_conv1d bwd (worst)", "", max(rel(a, c) for a, c in zip(gk, gr))))
+    rows.append(("causal_conv1d bwd (worst)", "", max(rel(a, c) for a, c in zip(gk, gr, strict=False))))
 
 
 def experts_check(rows):
     torch.manual_seed(0)
     counts = torch.tensor([900, 0, 37, 3000, 1, 640, 0, 1500], device="cuda")
     H, F = 1024, 2048
-    x = (torch.randn(int(counts.sum()), H, device="cuda") ).to(torch.bfloat16).requires_grad_()
+    x = (torch.randn(int(counts.sum()), H, device="cuda")).to(torch.bfloat16).requires_grad_()
     gu = (torch.randn(8, 2 * F, H, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
     dn = (torch.randn(8, H, F, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
     out = experts_grouped(x, counts, gu, dn)
@@ -63,8 +77,14 @@ def experts_check(rows):
     g = torch.randn_like(ref)
     gk = torch.autograd.grad(out, (x, gu, dn), g.to(out.dtype))
     gr = torch.autograd.grad(ref, (x, gu, dn), g)
-    rows.append(("grouped_mm experts fwd (bf16 vs fp32 loop)", f"{int(counts.sum())} tok, 8 experts H{H} F{F}", rel(out, ref)))
-    rows.append(("grouped_mm experts bwd (worst)", "", max(rel(a, c) for a, c in zip(gk, gr))))
+    rows.append(
+        (
+            "grouped_mm experts fwd (bf16 vs fp32 loop)",
+            f"{int(counts.sum())} tok, 8 experts H{H} F{F}",
+            rel(out, ref),
+        )
+    )
+    rows.append(("grouped_mm experts bwd (worst)", "", max(rel(a, c) for a, c in zip(gk, gr, strict=False))))
 
 
 def model_check(rows):
@@ -78,7 +98,9 @@ def model_check(rows):
         o.loss.backward()
         outs.append((o.logits.detach(), {n: p.grad for n, p in m.named_parameters()}))
     rows.append(("debug model logits, kernels vs reference (fp32)", "2x512", rel(outs[0][0], outs[1][0])))
-    rows.append(("debug model grads, worst tensor", "", max(rel(outs[0][1][k], outs[1][1][k]) for k in outs[0][1])))
+    rows.append(
+        ("debug model grads, worst tensor", "", max(rel(outs[0][1][k], outs[1][1][k]) for k in outs[0][1]))
+    )
 
 
 def timing(rows, preset: str, batch: int, seq: int, steps: int = 5, variant: str = ""):
@@ -91,7 +113,7 @@ def timing(rows, preset: str, batch: int, seq: int, steps: int = 5, variant: str
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
     torch.cuda.reset_peak_memory_stats()
     times = []
-    for i in range(steps + 3):
+    for _ in range(steps + 3):
         torch.cuda.synchronize()
         t = time.perf_counter()
         out = m(x[:, :-1], labels=x[:, 1:])
@@ -103,13 +125,19 @@ def timing(rows, preset: str, batch: int, seq: int, steps: int = 5, variant: str
     ms = 1000 * sorted(times[3:])[len(times[3:]) // 2]
     try:
         from jamba.counting import flops_per_token
+
         fpt = flops_per_token(cfg, seq)["total"]
     except Exception:  # noqa: BLE001
         fpt = None
     tok_s = batch * seq / (ms / 1000)
     mfu = f"{100 * fpt * tok_s / 989e12:.1f}%" if fpt else "n/a"
-    rows.append((f"{preset} pure bf16 + fused AdamW step {variant}", f"{batch}x{seq}",
-                 f"{ms:.0f} ms, {tok_s / 1e3:.1f}k tok/s, MFU {mfu}, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"))
+    rows.append(
+        (
+            f"{preset} pure bf16 + fused AdamW step {variant}",
+            f"{batch}x{seq}",
+            f"{ms:.0f} ms, {tok_s / 1e3:.1f}k tok/s, MFU {mfu}, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB",
+        )
+    )
     del m, opt
 
 
@@ -119,8 +147,13 @@ def main() -> None:
     ap.add_argument("--timing", nargs="*", default=["bench-426m:8:2048", "bench:2:4096"])
     args = ap.parse_args()
     rows: list[tuple] = []
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-            **kernels_available(), "grouped_mm": hasattr(torch, "_grouped_mm")}
+    info = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        **kernels_available(),
+        "grouped_mm": hasattr(torch, "_grouped_mm"),
+    }
     for fn in (scan_check, conv_check, experts_check, model_check):
         try:
             fn(rows)

@@ -1,6 +1,6 @@
 """Profile one training step of a preset on GPU and print the top CUDA kernels and per-module times.
 
-    python benchmarks/gpu_profile.py --preset bench --batch 2 --seq 4096 [--ckpt none]
+python benchmarks/gpu_profile.py --preset bench --batch 2 --seq 4096 [--ckpt none]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def tag_modules(model: torch.nn.Module) -> None:
             def wrapped(*a, _f=fwd, _k=kind, **k):
                 with record_function(f"part::{_k}"):
                     return _f(*a, **k)
+
             mod.forward = wrapped
 
 
@@ -66,7 +67,9 @@ def main() -> None:
     for e in ka:
         if e.key.startswith("part::"):
             parts[e.key] += e.device_time_total / 1000
-    print("forward CUDA time by part (ms, includes nested):", {k: round(v, 1) for k, v in sorted(parts.items())})
+    print(
+        "forward CUDA time by part (ms, includes nested):", {k: round(v, 1) for k, v in sorted(parts.items())}
+    )
 
 
 if __name__ == "__main__":

@@ -4,5 +4,13 @@ from .config import JambaConfig, parse_pattern, pattern_from_periods, periods_fr
 from .model import JambaForCausalLM, JambaOutput
 from .presets import PRESETS, get_preset
 
-__all__ = ["JambaConfig", "JambaForCausalLM", "JambaOutput", "PRESETS", "get_preset", "parse_pattern",
-           "pattern_from_periods", "periods_from_pattern"]
+__all__ = [
+    "JambaConfig",
+    "JambaForCausalLM",
+    "JambaOutput",
+    "PRESETS",
+    "get_preset",
+    "parse_pattern",
+    "pattern_from_periods",
+    "periods_from_pattern",
+]

@@ -10,7 +10,9 @@ from torch import nn
 from .config import JambaConfig
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device, dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv)
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -25,7 +27,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, cfg: JambaConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         h = cfg.hidden_size
         self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
@@ -47,6 +53,7 @@ class Attention(nn.Module):
             rep = self.n_heads // self.n_kv
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))

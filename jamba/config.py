@@ -74,37 +74,89 @@ class JambaConfig:
             if not cond:
                 raise ValueError(f"JambaConfig.{fld}: {msg}")
 
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "num_experts", "num_experts_per_tok",
-                     "mamba_d_state", "mamba_d_conv", "mamba_expand", "attn_layer_period",
-                     "expert_layer_period", "scan_chunk_size", "loss_chunk_size"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "num_experts",
+            "num_experts_per_tok",
+            "mamba_d_state",
+            "mamba_d_conv",
+            "mamba_expand",
+            "attn_layer_period",
+            "expert_layer_period",
+            "scan_chunk_size",
+            "loss_chunk_size",
+        ):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, f"must be a positive int, got {v!r}")
-        need(isinstance(self.mamba_dt_rank, int) and self.mamba_dt_rank > 0, "mamba_dt_rank",
-             f"must be 'auto' or a positive int, got {self.mamba_dt_rank!r}")
-        need(0 <= self.attn_layer_offset < self.attn_layer_period, "attn_layer_offset",
-             f"must be in [0, attn_layer_period={self.attn_layer_period}), got {self.attn_layer_offset}")
-        need(0 <= self.expert_layer_offset < self.expert_layer_period, "expert_layer_offset",
-             f"must be in [0, expert_layer_period={self.expert_layer_period}), got {self.expert_layer_offset}")
-        need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
-             f"{self.num_attention_heads} heads do not divide hidden_size={self.hidden_size}")
-        need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-             f"{self.num_key_value_heads} KV heads do not divide num_attention_heads={self.num_attention_heads}")
-        need(self.num_experts == 1 or self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
-             f"top-k={self.num_experts_per_tok} exceeds num_experts={self.num_experts}")
+            need(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                name,
+                f"must be a positive int, got {v!r}",
+            )
+        need(
+            isinstance(self.mamba_dt_rank, int) and self.mamba_dt_rank > 0,
+            "mamba_dt_rank",
+            f"must be 'auto' or a positive int, got {self.mamba_dt_rank!r}",
+        )
+        need(
+            0 <= self.attn_layer_offset < self.attn_layer_period,
+            "attn_layer_offset",
+            f"must be in [0, attn_layer_period={self.attn_layer_period}), got {self.attn_layer_offset}",
+        )
+        need(
+            0 <= self.expert_layer_offset < self.expert_layer_period,
+            "expert_layer_offset",
+            f"must be in [0, expert_layer_period={self.expert_layer_period}), got {self.expert_layer_offset}",
+        )
+        need(
+            self.hidden_size % self.num_attention_heads == 0,
+            "num_attention_heads",
+            f"{self.num_attention_heads} heads do not divide hidden_size={self.hidden_size}",
+        )
+        need(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            f"{self.num_key_value_heads} KV heads do not divide num_attention_heads={self.num_attention_heads}",
+        )
+        need(
+            self.num_experts == 1 or self.num_experts_per_tok <= self.num_experts,
+            "num_experts_per_tok",
+            f"top-k={self.num_experts_per_tok} exceeds num_experts={self.num_experts}",
+        )
         need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
-        need(self.activation_checkpointing in CHECKPOINT_CHOICES, "activation_checkpointing",
-             f"must be one of {CHECKPOINT_CHOICES}, got {self.activation_checkpointing!r}")
+        need(
+            self.activation_checkpointing in CHECKPOINT_CHOICES,
+            "activation_checkpointing",
+            f"must be one of {CHECKPOINT_CHOICES}, got {self.activation_checkpointing!r}",
+        )
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
-        need(0 < self.mamba_dt_min <= self.mamba_dt_max, "mamba_dt_min", "need 0 < mamba_dt_min <= mamba_dt_max")
-        need(self.router_aux_loss_coef >= 0 and self.router_z_loss_coef >= 0, "router_aux_loss_coef",
-             "router loss coefficients must be >= 0")
+        need(
+            0 < self.mamba_dt_min <= self.mamba_dt_max,
+            "mamba_dt_min",
+            "need 0 < mamba_dt_min <= mamba_dt_max",
+        )
+        need(
+            self.router_aux_loss_coef >= 0 and self.router_z_loss_coef >= 0,
+            "router_aux_loss_coef",
+            "router loss coefficients must be >= 0",
+        )
         if self.use_rope:
-            need((self.hidden_size // self.num_attention_heads) % 2 == 0, "use_rope", "RoPE needs an even head dim")
+            need(
+                (self.hidden_size // self.num_attention_heads) % 2 == 0,
+                "use_rope",
+                "RoPE needs an even head dim",
+            )
         if self.layer_pattern is not None:
             layers = parse_pattern(self.layer_pattern)
-            need(len(layers) == self.num_hidden_layers, "layer_pattern",
-                 f"describes {len(layers)} layers but num_hidden_layers={self.num_hidden_layers}")
+            need(
+                len(layers) == self.num_hidden_layers,
+                "layer_pattern",
+                f"describes {len(layers)} layers but num_hidden_layers={self.num_hidden_layers}",
+            )
             if any(moe for _, moe in layers):
                 need(self.num_experts > 1, "layer_pattern", "has MoE layers ('E') but num_experts=1")
 
@@ -114,8 +166,10 @@ class JambaConfig:
         """'attention' or 'mamba' per layer (transformers' name for it)."""
         if self.layer_pattern is not None:
             return ["attention" if m == "*" else "mamba" for m, _ in parse_pattern(self.layer_pattern)]
-        return ["attention" if i % self.attn_layer_period == self.attn_layer_offset else "mamba"
-                for i in range(self.num_hidden_layers)]
+        return [
+            "attention" if i % self.attn_layer_period == self.attn_layer_offset else "mamba"
+            for i in range(self.num_hidden_layers)
+        ]
 
     @property
     def layers_is_moe(self) -> list[bool]:
@@ -123,13 +177,17 @@ class JambaConfig:
             return [False] * self.num_hidden_layers
         if self.layer_pattern is not None:
             return [moe for _, moe in parse_pattern(self.layer_pattern)]
-        return [i % self.expert_layer_period == self.expert_layer_offset for i in range(self.num_hidden_layers)]
+        return [
+            i % self.expert_layer_period == self.expert_layer_offset for i in range(self.num_hidden_layers)
+        ]
 
     @property
     def pattern(self) -> str:
         """The layout as a pattern string, whichever form the config was written in."""
-        return "".join(("*" if t == "attention" else "M") + ("E" if e else "")
-                       for t, e in zip(self.layers_block_type, self.layers_is_moe))
+        return "".join(
+            ("*" if t == "attention" else "M") + ("E" if e else "")
+            for t, e in zip(self.layers_block_type, self.layers_is_moe, strict=False)
+        )
 
     @property
     def head_dim(self) -> int:
@@ -162,8 +220,10 @@ def parse_pattern(pattern: str) -> list[tuple[str, bool]]:
     while pos < len(s):
         m = _LAYER_RE.match(s, pos)
         if m is None:
-            raise ValueError(f"JambaConfig.layer_pattern: unexpected {s[pos]!r} at position {pos} of {pattern!r}; "
-                             "use 'M' (Mamba) or '*' (attention), each optionally followed by 'E' (MoE)")
+            raise ValueError(
+                f"JambaConfig.layer_pattern: unexpected {s[pos]!r} at position {pos} of {pattern!r}; "
+                "use 'M' (Mamba) or '*' (attention), each optionally followed by 'E' (MoE)"
+            )
         out.append((m.group(1), m.group(2) == "E"))
         pos = m.end()
     if not out:
@@ -171,11 +231,19 @@ def parse_pattern(pattern: str) -> list[tuple[str, bool]]:
     return out
 
 
-def pattern_from_periods(num_layers: int, attn_period: int, attn_offset: int,
-                         expert_period: int, expert_offset: int, moe: bool = True) -> str:
-    return "".join(("*" if i % attn_period == attn_offset else "M")
-                   + ("E" if moe and i % expert_period == expert_offset else "")
-                   for i in range(num_layers))
+def pattern_from_periods(
+    num_layers: int,
+    attn_period: int,
+    attn_offset: int,
+    expert_period: int,
+    expert_offset: int,
+    moe: bool = True,
+) -> str:
+    return "".join(
+        ("*" if i % attn_period == attn_offset else "M")
+        + ("E" if moe and i % expert_period == expert_offset else "")
+        for i in range(num_layers)
+    )
 
 
 def periods_from_pattern(pattern: str) -> dict | None:
@@ -199,5 +267,10 @@ def periods_from_pattern(pattern: str) -> dict | None:
     exp = find([e for _, e in layers])
     if attn is None or exp is None:
         return None
-    return {"attn_layer_period": attn[0], "attn_layer_offset": attn[1],
-            "expert_layer_period": exp[0], "expert_layer_offset": exp[1], "has_moe": any(e for _, e in layers)}
+    return {
+        "attn_layer_period": attn[0],
+        "attn_layer_offset": attn[1],
+        "expert_layer_period": exp[0],
+        "expert_layer_offset": exp[1],
+        "has_moe": any(e for _, e in layers),
+    }

@@ -69,9 +69,19 @@ def count_params(cfg: JambaConfig) -> dict:
         mixer = _attention_params(cfg) if kind == "attention" else sum(_mamba_params(cfg).values())
         ffn_total, ffn_active = _ffn_params(cfg, moe)
         norms = 2 * h  # input_layernorm, pre_ff_layernorm
-        per_layer.append({"index": i, "kind": kind, "moe": moe, "mixer": mixer, "ffn": ffn_total,
-                          "ffn_active": ffn_active, "norms": norms, "total": mixer + ffn_total + norms,
-                          "active": mixer + ffn_active + norms})
+        per_layer.append(
+            {
+                "index": i,
+                "kind": kind,
+                "moe": moe,
+                "mixer": mixer,
+                "ffn": ffn_total,
+                "ffn_active": ffn_active,
+                "norms": norms,
+                "total": mixer + ffn_total + norms,
+                "active": mixer + ffn_active + norms,
+            }
+        )
     lm_head = 0 if cfg.tie_word_embeddings else v * h
     embedding = v * h + lm_head
     final_norm = h
@@ -111,14 +121,28 @@ def flops_per_token(cfg: JambaConfig, seq_len: int, training: bool = True, causa
     matmul = mult * 2 * matmul_params
     attention = mult * n_attn * 2 * 2 * keys * attn_width  # QK^T and AV, 2 FLOPs per MAC
     scan = mult * n_mamba * SCAN_FLOPS_PER_STATE * cfg.mamba_d_inner * cfg.mamba_d_state
-    return {"matmul": matmul, "attention": attention, "selective_scan": scan,
-            "total": matmul + attention + scan, "matmul_params": matmul_params, "multiplier": mult}
+    return {
+        "matmul": matmul,
+        "attention": attention,
+        "selective_scan": scan,
+        "total": matmul + attention + scan,
+        "matmul_params": matmul_params,
+        "multiplier": mult,
+    }
 
 
-def mfu(tokens_per_s: float, cfg: JambaConfig, seq_len: int, peak_flops: float, training: bool = True,
-        causal: bool = True) -> float:
+def mfu(
+    tokens_per_s: float,
+    cfg: JambaConfig,
+    seq_len: int,
+    peak_flops: float,
+    training: bool = True,
+    causal: bool = True,
+) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the hardware peak (e.g. 989e12 for H100 bf16
     dense, per GPU: pass per-GPU tokens/s or multiply the peak by the GPU count)."""
     if peak_flops <= 0:
         raise ValueError(f"peak_flops must be positive, got {peak_flops}")
-    return tokens_per_s * flops_per_token(cfg, seq_len, training=training, causal=causal)["total"] / peak_flops
+    return (
+        tokens_per_s * flops_per_token(cfg, seq_len, training=training, causal=causal)["total"] / peak_flops
+    )

@@ -24,7 +24,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def experts_ref(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def experts_ref(
+    x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
     """Per-expert loop: the definition, and the CPU path."""
     outs = []
     for e, xe in enumerate(torch.split(x, counts.tolist())):
@@ -35,8 +37,9 @@ def experts_ref(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, do
     return torch.cat(outs) if outs else x.new_zeros(0, down.shape[1])
 
 
-def experts_grouped(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                    backend: str = "torch") -> torch.Tensor:
+def experts_grouped(
+    x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, backend: str = "torch"
+) -> torch.Tensor:
     """One grouped GEMM per projection over every local expert (no per-expert Python loop)."""
     if backend == "grouped_gemm" and _gg is not None:
         h = _gg.ops.gmm(x, gate_up, counts.cpu(), trans_b=True)
@@ -61,5 +64,7 @@ class Experts(nn.Module):
         dt = _compute_dtype(x)
         if self.use_kernels and x.is_cuda and dt == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
             # autocast does not cover _grouped_mm: cast by hand (a no-op for bf16 weights)
-            return experts_grouped(x.to(dt), counts, self.gate_up_proj.to(dt), self.down_proj.to(dt), self.backend)
+            return experts_grouped(
+                x.to(dt), counts, self.gate_up_proj.to(dt), self.down_proj.to(dt), self.backend
+            )
         return experts_ref(x, counts, self.gate_up_proj, self.down_proj)

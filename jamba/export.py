@@ -70,10 +70,12 @@ def _unwrap(obj, source: Path) -> dict[str, torch.Tensor]:
     sd = dict(obj)
     for prefix in ("module.", "_orig_mod."):
         if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise CheckpointError(f"{source}: entries {not_tensors[:5]} are not tensors; expected a plain state dict")
+        raise CheckpointError(
+            f"{source}: entries {not_tensors[:5]} are not tensors; expected a plain state dict"
+        )
     return sd
 
 
@@ -93,8 +95,10 @@ def _state_file_in(folder: Path) -> Path:
     found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in STATE_SUFFIXES)
     if len(found) != 1:
         what = "no" if not found else f"{len(found)} ({[p.name for p in found]})"
-        raise CheckpointError(f"{folder}: expected exactly one state-dict file ({'/'.join(STATE_SUFFIXES)}) "
-                              f"next to {CONFIG_NAME}, found {what}")
+        raise CheckpointError(
+            f"{folder}: expected exactly one state-dict file ({'/'.join(STATE_SUFFIXES)}) "
+            f"next to {CONFIG_NAME}, found {what}"
+        )
     return found[0]
 
 
@@ -107,7 +111,8 @@ def _load_deepspeed(folder: Path) -> tuple[JambaConfig, dict[str, torch.Tensor]]
         raise CheckpointError(
             f"{folder} is a DeepSpeed checkpoint (latest -> {tag!r}) but {lacking} not found. The trainer writes "
             f"a consolidated {DEEPSPEED_STATE} + {DEEPSPEED_CONFIG} into each tag folder; ZeRO-sharded states "
-            "alone are not read yet")
+            "alone are not read yet"
+        )
     cfg, _ = _read_config(config)
     return cfg, _read_state_file(state)
 
@@ -124,16 +129,19 @@ def _load_checkpoint(path: str | Path) -> tuple[JambaConfig, dict[str, torch.Ten
             raise CheckpointError(f"{path}: unknown checkpoint file type; expected one of {STATE_SUFFIXES}")
         config = path.parent / CONFIG_NAME
         if not config.is_file():
-            raise CheckpointError(f"{path}: no {CONFIG_NAME} next to it (our JambaConfig.to_dict() or a "
-                                  "transformers config)")
+            raise CheckpointError(
+                f"{path}: no {CONFIG_NAME} next to it (our JambaConfig.to_dict() or a transformers config)"
+            )
         cfg, _ = _read_config(config)
         return cfg, _read_state_file(path)
     if (path / "latest").is_file():
         return _load_deepspeed(path)
     config = path / CONFIG_NAME
     if not config.is_file():
-        raise CheckpointError(f"{path}: not a checkpoint folder: no {CONFIG_NAME} (model folder / plain state dict) "
-                              "and no `latest` file (DeepSpeed checkpoint)")
+        raise CheckpointError(
+            f"{path}: not a checkpoint folder: no {CONFIG_NAME} (model folder / plain state dict) "
+            "and no `latest` file (DeepSpeed checkpoint)"
+        )
     cfg, is_hf = _read_config(config)
     if is_hf or any(path.glob("*.safetensors")):
         try:
@@ -145,8 +153,13 @@ def _load_checkpoint(path: str | Path) -> tuple[JambaConfig, dict[str, torch.Ten
 
 
 # ---- converting -------------------------------------------------------------------------------------
-def export(checkpoint: str | Path, output_dir: str | Path, dtype: torch.dtype | None = None,
-           max_shard_size: int | str = "5GB", expert_layout: str = "per_expert") -> list[str]:
+def export(
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    expert_layout: str = "per_expert",
+) -> list[str]:
     """Checkpoint -> transformers folder; returns the files written. Validates every tensor's name and
     shape against the config before writing anything (no model is built: any size converts)."""
     cfg, sd = _load_checkpoint(checkpoint)
@@ -160,20 +173,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jamba.export",
         description="Convert a Jamba training checkpoint into a transformers model folder "
-                    "(config.json + safetensors) that transformers.JambaForCausalLM.from_pretrained loads.",
+        "(config.json + safetensors) that transformers.JambaForCausalLM.from_pretrained loads.",
         epilog="Checkpoint forms: a transformers/save_pretrained_dir folder; a .pt/.pth/.bin/.safetensors "
-               "state dict (file, or folder holding exactly one) with our config.json next to it; a DeepSpeed "
-               "checkpoint folder with a `latest` file and <tag>/model_state.safetensors + "
-               "<tag>/model_config.json.")
+        "state dict (file, or folder holding exactly one) with our config.json next to it; a DeepSpeed "
+        "checkpoint folder with a `latest` file and <tag>/model_state.safetensors + "
+        "<tag>/model_config.json.",
+    )
     p.add_argument("checkpoint", help="checkpoint file or folder")
     p.add_argument("output_dir", help="folder to write (created; must be empty unless --force)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="keep",
-                   help="cast floating-point tensors (default: keep each tensor's dtype)")
-    p.add_argument("--max-shard-size", default="5GB",
-                   help="split the weights into shards of at most this size, with an index (default 5GB)")
-    p.add_argument("--expert-layout", choices=("per_expert", "fused"), default="per_expert",
-                   help="per_expert (default): experts.{e}.{gate,up,down}_proj.weight as transformers' "
-                        "save_pretrained writes; fused: experts.gate_up_proj / experts.down_proj tensors")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="keep",
+        help="cast floating-point tensors (default: keep each tensor's dtype)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="split the weights into shards of at most this size, with an index (default 5GB)",
+    )
+    p.add_argument(
+        "--expert-layout",
+        choices=("per_expert", "fused"),
+        default="per_expert",
+        help="per_expert (default): experts.{e}.{gate,up,down}_proj.weight as transformers' "
+        "save_pretrained writes; fused: experts.gate_up_proj / experts.down_proj tensors",
+    )
     p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     return p
 
@@ -188,8 +213,13 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"output folder {out} is not empty (use --force to write into it)")
         if Path(args.checkpoint).resolve() == out.resolve():
             raise CheckpointError("output_dir must differ from the checkpoint")
-        written = export(args.checkpoint, out, dtype=DTYPES[args.dtype], max_shard_size=args.max_shard_size,
-                         expert_layout=args.expert_layout)
+        written = export(
+            args.checkpoint,
+            out,
+            dtype=DTYPES[args.dtype],
+            max_shard_size=args.max_shard_size,
+            expert_layout=args.expert_layout,
+        )
     except (ValueError, FileNotFoundError) as err:
         print(f"jamba.export: error: {err}", file=sys.stderr)
         return 2

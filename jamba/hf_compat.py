@@ -34,39 +34,118 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 # Fields with the same name and meaning in both configs.
 SHARED_FIELDS = (
-    "vocab_size", "tie_word_embeddings", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "hidden_act", "initializer_range", "rms_norm_eps",
-    "router_aux_loss_coef", "pad_token_id", "bos_token_id", "eos_token_id", "max_position_embeddings",
-    "attention_dropout", "num_experts_per_tok", "num_experts", "expert_layer_period", "expert_layer_offset",
-    "attn_layer_period", "attn_layer_offset", "mamba_d_state", "mamba_d_conv", "mamba_expand",
-    "mamba_dt_rank", "mamba_conv_bias", "mamba_proj_bias",
+    "vocab_size",
+    "tie_word_embeddings",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "initializer_range",
+    "rms_norm_eps",
+    "router_aux_loss_coef",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "max_position_embeddings",
+    "attention_dropout",
+    "num_experts_per_tok",
+    "num_experts",
+    "expert_layer_period",
+    "expert_layer_offset",
+    "attn_layer_period",
+    "attn_layer_offset",
+    "mamba_d_state",
+    "mamba_d_conv",
+    "mamba_expand",
+    "mamba_dt_rank",
+    "mamba_conv_bias",
+    "mamba_proj_bias",
 )
 # Ours only, but worth keeping with the weights (initialisation / training loss). transformers keeps
 # unknown config keys as plain attributes and never reads these.
 OURS_IN_HF = ("mamba_dt_min", "mamba_dt_max", "mamba_dt_init_floor", "router_z_loss_coef")
 # Keys transformers (4.x and 5.x) writes that do not change the weights or the forward pass.
-HF_IGNORED_KEYS = frozenset({
-    "model_type", "architectures", "transformers_version", "_name_or_path", "_commit_hash", "auto_map",
-    "dtype", "torch_dtype", "use_cache", "output_router_logits", "use_mamba_kernels", "use_mambapy",
-    "use_associative_scan", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
-    "use_bfloat16", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
-    "cross_attention_hidden_size", "tie_encoder_decoder", "id2label", "label2id", "problem_type",
-    "finetuning_task", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
-    "task_specific_params", "pruned_heads", "tf_legacy_loss", "num_logits_to_keep",
-    "calc_logits_for_entire_prompt", "n_ctx", "_attn_implementation", "attn_implementation",
-    # generation defaults that older transformers stored in config.json
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
-    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
-    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
-    "begin_suppress_tokens",
-    # positional settings transformers' Jamba attention never reads (it has no positional encoding)
-    "rope_theta", "rope_scaling", "rope_parameters",
-})
+HF_IGNORED_KEYS = frozenset(
+    {
+        "model_type",
+        "architectures",
+        "transformers_version",
+        "_name_or_path",
+        "_commit_hash",
+        "auto_map",
+        "dtype",
+        "torch_dtype",
+        "use_cache",
+        "output_router_logits",
+        "use_mamba_kernels",
+        "use_mambapy",
+        "use_associative_scan",
+        "return_dict",
+        "output_hidden_states",
+        "output_attentions",
+        "torchscript",
+        "use_bfloat16",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "is_decoder",
+        "add_cross_attention",
+        "cross_attention_hidden_size",
+        "tie_encoder_decoder",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "finetuning_task",
+        "tokenizer_class",
+        "prefix",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "task_specific_params",
+        "pruned_heads",
+        "tf_legacy_loss",
+        "num_logits_to_keep",
+        "calc_logits_for_entire_prompt",
+        "n_ctx",
+        "_attn_implementation",
+        "attn_implementation",
+        # generation defaults that older transformers stored in config.json
+        "max_length",
+        "min_length",
+        "do_sample",
+        "early_stopping",
+        "num_beams",
+        "num_beam_groups",
+        "diversity_penalty",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
+        "repetition_penalty",
+        "length_penalty",
+        "no_repeat_ngram_size",
+        "encoder_no_repeat_ngram_size",
+        "bad_words_ids",
+        "num_return_sequences",
+        "output_scores",
+        "return_dict_in_generate",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "remove_invalid_values",
+        "exponential_decay_length_penalty",
+        "suppress_tokens",
+        "begin_suppress_tokens",
+        # positional settings transformers' Jamba attention never reads (it has no positional encoding)
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+    }
+)
 
-_LEGACY_EXPERT_RE = re.compile(r"^(?P<prefix>.+\.feed_forward\.experts)\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)"
-                               r"\.weight$")
+_LEGACY_EXPERT_RE = re.compile(
+    r"^(?P<prefix>.+\.feed_forward\.experts)\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)"
+    r"\.weight$"
+)
 
 
 # ---- config ---------------------------------------------------------------------------------------
@@ -77,8 +156,10 @@ def config_to_hf(cfg: JambaConfig, use_mamba_kernels: bool | None = None) -> dic
     knobs (checkpointing, chunk sizes) are not written; `use_mamba_kernels` defaults to `cfg.use_kernels`.
     """
     if cfg.use_rope:
-        raise ValueError("config_to_hf: use_rope=True cannot be exported: transformers' Jamba attention has "
-                         "no positional encoding, the exported model would compute something else")
+        raise ValueError(
+            "config_to_hf: use_rope=True cannot be exported: transformers' Jamba attention has "
+            "no positional encoding, the exported model would compute something else"
+        )
     d = {"model_type": "jamba", "architectures": [HF_ARCHITECTURE]}
     d.update({k: getattr(cfg, k) for k in SHARED_FIELDS})
     if cfg.layer_pattern is not None:
@@ -87,21 +168,29 @@ def config_to_hf(cfg: JambaConfig, use_mamba_kernels: bool | None = None) -> dic
             raise ValueError(
                 f"config_to_hf: layer_pattern {cfg.layer_pattern!r} is not periodic; transformers' JambaConfig "
                 "can only place attention at i % attn_layer_period == attn_layer_offset and experts at "
-                "i % expert_layer_period == expert_layer_offset, so this layout cannot be exported")
+                "i % expert_layer_period == expert_layer_offset, so this layout cannot be exported"
+            )
         periods.pop("has_moe")
         d.update(periods)
     # Re-derive the layout exactly as transformers does and compare: export must never move a layer.
     n = cfg.num_hidden_layers
     hf_attn = [i % d["attn_layer_period"] == d["attn_layer_offset"] for i in range(n)]
-    hf_moe = [cfg.num_experts > 1 and i % d["expert_layer_period"] == d["expert_layer_offset"] for i in range(n)]
+    hf_moe = [
+        cfg.num_experts > 1 and i % d["expert_layer_period"] == d["expert_layer_offset"] for i in range(n)
+    ]
     if hf_attn != [t == "attention" for t in cfg.layers_block_type] or hf_moe != cfg.layers_is_moe:
-        raise ValueError(f"config_to_hf: could not express the layout {cfg.pattern!r} with periods and offsets")
+        raise ValueError(
+            f"config_to_hf: could not express the layout {cfg.pattern!r} with periods and offsets"
+        )
     d.update({k: getattr(cfg, k) for k in OURS_IN_HF})
     # transformers 5.17's cache breaks on models without attention layers (DynamicCache.get_seq_length
     # raises), so a Mamba-only export defaults to use_cache=False.
-    d.update(use_cache="attention" in cfg.layers_block_type, output_router_logits=False,
-             use_mamba_kernels=cfg.use_kernels if use_mamba_kernels is None else bool(use_mamba_kernels),
-             use_mambapy=False)
+    d.update(
+        use_cache="attention" in cfg.layers_block_type,
+        output_router_logits=False,
+        use_mamba_kernels=cfg.use_kernels if use_mamba_kernels is None else bool(use_mamba_kernels),
+        use_mambapy=False,
+    )
     return d
 
 
@@ -116,19 +205,25 @@ def config_from_hf(d: Mapping, ignore_unknown: bool = False) -> JambaConfig:
         raise ValueError(f"config_from_hf: model_type is {d['model_type']!r}, expected 'jamba'")
     arch = d.get("architectures")
     if arch and HF_ARCHITECTURE not in arch:
-        raise ValueError(f"config_from_hf: architectures {arch} do not include {HF_ARCHITECTURE}; only the "
-                         "causal-LM weights can be loaded")
+        raise ValueError(
+            f"config_from_hf: architectures {arch} do not include {HF_ARCHITECTURE}; only the "
+            "causal-LM weights can be loaded"
+        )
     if "num_local_experts" in d:  # transformers' attribute_map alias
         alias = d.pop("num_local_experts")
         if "num_experts" in d and d["num_experts"] != alias:
-            raise ValueError(f"config_from_hf: num_local_experts={alias} contradicts num_experts={d['num_experts']}")
+            raise ValueError(
+                f"config_from_hf: num_local_experts={alias} contradicts num_experts={d['num_experts']}"
+            )
         d["num_experts"] = alias
 
     problems = []
     hidden = d.get("hidden_size", JambaConfig.hidden_size)
     heads = d.get("num_attention_heads", JambaConfig.num_attention_heads)
     if d.get("head_dim") is not None and d["head_dim"] * heads != hidden:
-        problems.append(f"head_dim={d['head_dim']} (only hidden_size / num_attention_heads = {hidden // heads})")
+        problems.append(
+            f"head_dim={d['head_dim']} (only hidden_size / num_attention_heads = {hidden // heads})"
+        )
     if d.get("sliding_window") is not None:
         problems.append(f"sliding_window={d['sliding_window']} (only full causal attention)")
     if d.get("quantization_config") is not None:
@@ -147,8 +242,10 @@ def config_from_hf(d: Mapping, ignore_unknown: bool = False) -> JambaConfig:
     kwargs = {k: d.pop(k) for k in (*SHARED_FIELDS, *OURS_IN_HF) if k in d}
     unknown = sorted(k for k in d if k not in HF_IGNORED_KEYS)
     if unknown and not ignore_unknown:
-        raise ValueError(f"config_from_hf: unknown keys {unknown}; they may change the architecture. "
-                         "Pass ignore_unknown=True if they are known to be harmless")
+        raise ValueError(
+            f"config_from_hf: unknown keys {unknown}; they may change the architecture. "
+            "Pass ignore_unknown=True if they are known to be harmless"
+        )
     return JambaConfig(**kwargs)
 
 
@@ -175,8 +272,12 @@ def fuse_experts(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     problems = []
     for prefix, ws in groups.items():
         n = 1 + max(e for e, _ in ws)
-        lacking = [f"{prefix}.{e}.{w}.weight" for e in range(n) for w in ("gate_proj", "up_proj", "down_proj")
-                   if (e, w) not in ws]
+        lacking = [
+            f"{prefix}.{e}.{w}.weight"
+            for e in range(n)
+            for w in ("gate_proj", "up_proj", "down_proj")
+            if (e, w) not in ws
+        ]
         if lacking:
             problems.append(f"{prefix}: per-expert tensors missing: {lacking}")
             continue
@@ -219,7 +320,9 @@ def expected_shapes(cfg: JambaConfig) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in to_hf_state_dict(model).items()}
 
 
-def check_state_dict(expected: Mapping[str, tuple], state_dict: Mapping, tied: bool) -> dict[str, torch.Tensor]:
+def check_state_dict(
+    expected: Mapping[str, tuple], state_dict: Mapping, tied: bool
+) -> dict[str, torch.Tensor]:
     """Fuse per-expert tensors, drop a tied lm_head equal to the embedding, and verify names and shapes.
 
     Raises one ValueError listing every missing, unexpected and mis-shaped tensor."""
@@ -227,19 +330,30 @@ def check_state_dict(expected: Mapping[str, tuple], state_dict: Mapping, tied: b
     problems = []
     if tied and "lm_head.weight" in sd and "lm_head.weight" not in expected:
         lm, emb = sd.pop("lm_head.weight"), sd.get("model.embed_tokens.weight")
-        if isinstance(lm, torch.Tensor) and isinstance(emb, torch.Tensor) and not (
-                lm.shape == emb.shape and (lm.is_meta or emb.is_meta or torch.equal(lm, emb))):
-            problems.append("lm_head.weight differs from model.embed_tokens.weight but tie_word_embeddings=True")
+        if (
+            isinstance(lm, torch.Tensor)
+            and isinstance(emb, torch.Tensor)
+            and not (lm.shape == emb.shape and (lm.is_meta or emb.is_meta or torch.equal(lm, emb)))
+        ):
+            problems.append(
+                "lm_head.weight differs from model.embed_tokens.weight but tie_word_embeddings=True"
+            )
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     bad = [k for k in expected if k in sd and _shape(sd[k]) != tuple(expected[k])]
     if missing:
-        problems.append(f"missing ({len(missing)}): " + ", ".join(f"{k} {_fmt(tuple(expected[k]))}" for k in missing))
+        problems.append(
+            f"missing ({len(missing)}): " + ", ".join(f"{k} {_fmt(tuple(expected[k]))}" for k in missing)
+        )
     if unexpected:
-        problems.append(f"unexpected ({len(unexpected)}): " + ", ".join(f"{k} {_fmt(_shape(sd[k]))}" for k in unexpected))
+        problems.append(
+            f"unexpected ({len(unexpected)}): " + ", ".join(f"{k} {_fmt(_shape(sd[k]))}" for k in unexpected)
+        )
     if bad:
-        problems.append(f"wrong shape ({len(bad)}): " + ", ".join(
-            f"{k} expected {_fmt(tuple(expected[k]))} got {_fmt(_shape(sd[k]))}" for k in bad))
+        problems.append(
+            f"wrong shape ({len(bad)}): "
+            + ", ".join(f"{k} expected {_fmt(tuple(expected[k]))} got {_fmt(_shape(sd[k]))}" for k in bad)
+        )
     if problems:
         raise ValueError("state dict does not match the Jamba model:\n  " + "\n  ".join(problems))
     return sd
@@ -302,14 +416,17 @@ def read_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-def from_pretrained_dir(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                        ignore_unknown_config_keys: bool = False) -> JambaForCausalLM:
+def from_pretrained_dir(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, ignore_unknown_config_keys: bool = False
+) -> JambaForCausalLM:
     """Our model from a transformers model folder (config.json + safetensors, sharded or not).
     `dtype`: the model's dtype (default float32, whatever the files hold)."""
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{path / CONFIG_NAME} not found: not a transformers model folder")
-    cfg = config_from_hf(json.loads((path / CONFIG_NAME).read_text()), ignore_unknown=ignore_unknown_config_keys)
+    cfg = config_from_hf(
+        json.loads((path / CONFIG_NAME).read_text()), ignore_unknown=ignore_unknown_config_keys
+    )
     sd = read_safetensors_dir(path)
     model = JambaForCausalLM(cfg, init=False)
     if dtype is not None:
@@ -327,9 +444,14 @@ def _parse_size(size: int | str) -> int:
     return int(float(m[1]) * 1000 ** "_KMGT".index(m[2] or "_"))
 
 
-def save_hf_checkpoint(cfg: JambaConfig, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                       expert_layout: str = "per_expert", max_shard_size: int | str = "5GB",
-                       use_mamba_kernels: bool | None = None) -> list[str]:
+def save_hf_checkpoint(
+    cfg: JambaConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    expert_layout: str = "per_expert",
+    max_shard_size: int | str = "5GB",
+    use_mamba_kernels: bool | None = None,
+) -> list[str]:
     """Write config.json + safetensors for a (fused, checked) state dict; returns the files written."""
     from safetensors.torch import save_file
 
@@ -359,25 +481,44 @@ def save_hf_checkpoint(cfg: JambaConfig, state_dict: Mapping[str, torch.Tensor],
         if stale.exists():
             stale.unlink()  # a left-over shard or index of an earlier save would be read back
     (path / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
-    names = [WEIGHTS_NAME] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = (
+        [WEIGHTS_NAME]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     for name, keys in zip(names, shards, strict=True):
         # Copies: safetensors refuses views that share storage (tied / split tensors).
-        save_file({k: sd[k].detach().to("cpu").contiguous().clone() for k in keys}, str(path / name),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: sd[k].detach().to("cpu").contiguous().clone() for k in keys},
+            str(path / name),
+            metadata={"format": "pt"},
+        )
     written = [CONFIG_NAME, *names]
     if len(shards) > 1:
         total = sum(v.numel() * v.element_size() for v in sd.values())
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {k: name for name, keys in zip(names, shards, strict=True) for k in keys}}
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {k: name for name, keys in zip(names, shards, strict=True) for k in keys},
+        }
         (path / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         written.append(WEIGHTS_INDEX_NAME)
     return written
 
 
-def save_pretrained_dir(model: JambaForCausalLM, path: str | os.PathLike, expert_layout: str = "per_expert",
-                        max_shard_size: int | str = "5GB", use_mamba_kernels: bool | None = None) -> list[str]:
+def save_pretrained_dir(
+    model: JambaForCausalLM,
+    path: str | os.PathLike,
+    expert_layout: str = "per_expert",
+    max_shard_size: int | str = "5GB",
+    use_mamba_kernels: bool | None = None,
+) -> list[str]:
     """A folder `transformers.JambaForCausalLM.from_pretrained(path)` loads: config.json + model.safetensors
     (or shards + index above `max_shard_size`). Tensors keep the model's dtypes."""
-    return save_hf_checkpoint(model.config, to_hf_state_dict(model), path, expert_layout=expert_layout,
-                              max_shard_size=max_shard_size, use_mamba_kernels=use_mamba_kernels)
+    return save_hf_checkpoint(
+        model.config,
+        to_hf_state_dict(model),
+        path,
+        expert_layout=expert_layout,
+        max_shard_size=max_shard_size,
+        use_mamba_kernels=use_mamba_kernels,
+    )

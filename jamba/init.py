@@ -43,7 +43,9 @@ def init_weights(model: nn.Module, cfg: JambaConfig, seed: int | None = None) ->
             bound = r**-0.5
             mod.dt_proj.weight.copy_((torch.rand(mod.dt_proj.weight.shape, generator=gen) * 2 - 1) * bound)
             u = torch.rand(d, generator=gen)
-            dt = torch.exp(u * (math.log(cfg.mamba_dt_max) - math.log(cfg.mamba_dt_min)) + math.log(cfg.mamba_dt_min))
+            dt = torch.exp(
+                u * (math.log(cfg.mamba_dt_max) - math.log(cfg.mamba_dt_min)) + math.log(cfg.mamba_dt_min)
+            )
             dt = dt.clamp(min=cfg.mamba_dt_init_floor)
             mod.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
             w = mod.conv1d.weight

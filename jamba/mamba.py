@@ -20,8 +20,14 @@ class MambaMixer(nn.Module):
         h, d, n, r = cfg.hidden_size, cfg.mamba_d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank
         self.d_inner, self.d_state, self.dt_rank = d, n, r
         self.in_proj = nn.Linear(h, 2 * d, bias=cfg.mamba_proj_bias)
-        self.conv1d = nn.Conv1d(d, d, kernel_size=cfg.mamba_d_conv, groups=d, padding=cfg.mamba_d_conv - 1,
-                                bias=cfg.mamba_conv_bias)
+        self.conv1d = nn.Conv1d(
+            d,
+            d,
+            kernel_size=cfg.mamba_d_conv,
+            groups=d,
+            padding=cfg.mamba_d_conv - 1,
+            bias=cfg.mamba_conv_bias,
+        )
         self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
         self.dt_proj = nn.Linear(r, d, bias=True)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d, 1))
@@ -45,9 +51,19 @@ class MambaMixer(nn.Module):
         dt, B, C = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # The norms return fp32 under autocast (fp32 weights); the CUDA scan wants B, C in u's dtype.
         dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B).to(u.dtype), self.c_layernorm(C).to(u.dtype)
-        delta = (self.dt_proj.weight @ dt.transpose(1, 2))  # bias is added in fp32 inside the scan
+        delta = self.dt_proj.weight @ dt.transpose(1, 2)  # bias is added in fp32 inside the scan
         A = -torch.exp(self.A_log.float())
-        y = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z,
-                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                           use_kernel=self.use_kernels, chunk_size=self.scan_chunk)
+        y = selective_scan(
+            u,
+            delta,
+            A,
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            self.D.float(),
+            z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+            use_kernel=self.use_kernels,
+            chunk_size=self.scan_chunk,
+        )
         return self.out_proj(y.transpose(1, 2).to(dtype))

@@ -66,8 +66,12 @@ class JambaModel(nn.Module):
 
     def _checkpointed(self, layer: DecoderLayer) -> bool:
         c = self.checkpointing
-        return c == "full" or (c == "mamba" and layer.kind == "mamba") or \
-            (c == "attention" and layer.kind == "attention") or (c == "moe" and layer.is_moe)
+        return (
+            c == "full"
+            or (c == "mamba" and layer.kind == "mamba")
+            or (c == "attention" and layer.kind == "attention")
+            or (c == "moe" and layer.is_moe)
+        )
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
         x = self.embed_tokens(input_ids)
@@ -86,13 +90,15 @@ def _ce_chunk(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.T
     return F.cross_entropy(F.linear(h, w).float(), labels, ignore_index=-100, reduction="sum")
 
 
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+def chunked_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int
+) -> torch.Tensor:
     """Mean next-token loss without keeping [tokens, vocab] logits alive: each chunk's logits are
     recomputed in backward."""
     h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
     total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
-        hs, ls = h[s:s + chunk], labels[s:s + chunk]
+        hs, ls = h[s : s + chunk], labels[s : s + chunk]
         if torch.is_grad_enabled() and (hs.requires_grad or weight.requires_grad):
             total = total + checkpoint(_ce_chunk, hs, weight, ls, use_reentrant=False)
         else:
@@ -111,22 +117,29 @@ class JambaForCausalLM(nn.Module):
         if init:
             init_weights(self, cfg, seed=seed)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                return_logits: bool | None = None) -> JambaOutput:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, return_logits: bool | None = None
+    ) -> JambaOutput:
         """labels are aligned with input_ids (already shifted: labels[t] is the token after input_ids[t]);
         -100 is ignored. Logits are returned when asked, or when no labels are given."""
         if input_ids.max() >= self.config.vocab_size or input_ids.min() < 0:
-            raise ValueError(f"input_ids out of range [0, {self.config.vocab_size}): "
-                             f"min {int(input_ids.min())}, max {int(input_ids.max())}")
+            raise ValueError(
+                f"input_ids out of range [0, {self.config.vocab_size}): "
+                f"min {int(input_ids.min())}, max {int(input_ids.max())}"
+            )
         h, stats = self.model(input_ids)
         out = JambaOutput(router_stats=stats)
         if return_logits or labels is None:
             out.logits = self.lm_head(h)
         if labels is not None:
             if out.logits is not None:
-                out.lm_loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+                out.lm_loss = F.cross_entropy(
+                    out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100
+                )
             else:
-                out.lm_loss = chunked_cross_entropy(h, self.lm_head.weight, labels, self.config.loss_chunk_size)
+                out.lm_loss = chunked_cross_entropy(
+                    h, self.lm_head.weight, labels, self.config.loss_chunk_size
+                )
             out.loss = out.lm_loss
         if stats:
             out.aux_loss = torch.stack([s["aux_loss"] for s in stats]).mean()
@@ -139,5 +152,8 @@ class JambaForCausalLM(nn.Module):
 
     def no_weight_decay_names(self) -> set[str]:
         """Norm weights, biases, A_log, D: excluded from weight decay by the optimizer."""
-        return {n for n, p in self.named_parameters()
-                if p.ndim < 2 or getattr(p, "_no_weight_decay", False) or n.endswith("A_log")}
+        return {
+            n
+            for n, p in self.named_parameters()
+            if p.ndim < 2 or getattr(p, "_no_weight_decay", False) or n.endswith("A_log")
+        }

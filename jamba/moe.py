@@ -22,10 +22,13 @@ from .experts import Experts
 def expert_counts(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Tokens per expert without a host sync (torch.bincount on CUDA reads the max back to the host)."""
     return torch.zeros(num_experts, dtype=torch.long, device=flat_idx.device).index_add_(
-        0, flat_idx, torch.ones_like(flat_idx))
+        0, flat_idx, torch.ones_like(flat_idx)
+    )
 
 
-def local_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, experts: Experts) -> torch.Tensor:
+def local_dispatch(
+    x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, experts: Experts
+) -> torch.Tensor:
     """Sort the (token, slot) pairs by expert, run every expert at once, put rows back in (token, slot)
     order with a permutation (no atomics) and sum the k weighted slots of each token."""
     t, k = topk_idx.shape

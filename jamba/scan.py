@@ -46,8 +46,9 @@ def _finish(h, u, C, D, z, dtype):
     return y.to(dtype)
 
 
-def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False):
+def selective_scan_ref(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
     """The definition: a loop over every token. Slow; used only by tests."""
     dA, dBu = _discretize(u, delta, A, B, delta_bias, delta_softplus)
     h = torch.zeros_like(dBu[:, 0])
@@ -114,8 +115,19 @@ class _LinearRecurrence(torch.autograd.Function):
         return da, lam, None
 
 
-def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                           return_last_state=False, chunk_size: int = 16):
+def selective_scan_chunked(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    chunk_size: int = 16,
+):
     """Parallel CPU scan with a hand-written backward (no per-token autograd graph)."""
     dA, dBu = _discretize(u, delta, A, B, delta_bias, delta_softplus)
     hs = _LinearRecurrence.apply(dA, dBu, chunk_size)
@@ -123,16 +135,28 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     return (y, hs[:, -1]) if return_last_state else y
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
-                   use_kernel: bool = True, chunk_size: int = 16):
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=True,
+    use_kernel: bool = True,
+    chunk_size: int = 16,
+):
     """Dispatch: mamba-ssm's fused CUDA scan when importable and on GPU, else the chunked scan."""
     if use_kernel and _mamba_scan is not None and u.is_cuda:
         return _mamba_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size=chunk_size)
 
 
-def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      activation: bool = True) -> torch.Tensor:
+def causal_conv1d_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: bool = True
+) -> torch.Tensor:
     """x [b, d, L], weight [d, w]: depthwise conv looking only backwards, then SiLU."""
     w = weight.shape[-1]
     y = F.conv1d(x, weight.unsqueeze(1), bias, padding=w - 1, groups=x.shape[1])[..., : x.shape[-1]]

@@ -24,7 +24,12 @@ from pathlib import Path
 from .hostfile import Host, is_local, uniform_slots
 
 LAUNCHERS = ("deepspeed", "torchrun", "slurm")
-DS_LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm")  # the deepspeed runner's --launcher backends we support
+DS_LAUNCHERS = (
+    "pdsh",
+    "openmpi",
+    "mvapich",
+    "slurm",
+)  # the deepspeed runner's --launcher backends we support
 WANDB_MODES = ("online", "offline", "disabled")
 ENTRY = "launch/entry.py"  # the script the deepspeed runner starts (see launch/entry.py for why not -m)
 
@@ -37,8 +42,20 @@ DEFAULT_ENV = {
     "HYDRA_FULL_ERROR": "1",  # a config error on node 3 shows its full message, not "set HYDRA_FULL_ERROR"
 }
 # Copied from the caller's environment to every rank.
-PASS_PREFIXES = ("NCCL_", "WANDB_", "TORCH_NCCL_", "TORCH_DISTRIBUTED_", "UCX_", "FI_", "HF_", "DS_ACCELERATOR",
-                 "OMP_NUM_THREADS", "CUDA_DEVICE_MAX_CONNECTIONS", "PYTORCH_CUDA_ALLOC_CONF", "HYDRA_FULL_ERROR")
+PASS_PREFIXES = (
+    "NCCL_",
+    "WANDB_",
+    "TORCH_NCCL_",
+    "TORCH_DISTRIBUTED_",
+    "UCX_",
+    "FI_",
+    "HF_",
+    "DS_ACCELERATOR",
+    "OMP_NUM_THREADS",
+    "CUDA_DEVICE_MAX_CONNECTIONS",
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "HYDRA_FULL_ERROR",
+)
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD", re.IGNORECASE)
 
 
@@ -129,8 +146,17 @@ def deepspeed_command(spec: LaunchSpec, hostfile: str | Path) -> list[str]:
     """`deepspeed --hostfile H ... launch/entry.py overrides`, run on the first node. Its env must hold
     DS_ENV_FILE (see `deepspeed_env`). The master address is always given, so the runner never asks the
     first host for `hostname -I` over ssh; one node needs no ssh at all (--no_ssh_check)."""
-    cmd = [spec.python, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
-           "--master_addr", spec.master, "--master_port", str(spec.master_port)]
+    cmd = [
+        spec.python,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        str(hostfile),
+        "--master_addr",
+        spec.master,
+        "--master_port",
+        str(spec.master_port),
+    ]
     if spec.nodes > 1:
         if spec.ds_launcher in ("slurm", "openmpi", "mvapich") and len({h.slots for h in spec.hosts}) > 1:
             uniform_slots(spec.hosts, f"deepspeed --launcher {spec.ds_launcher}")
@@ -154,7 +180,9 @@ def _pdsh_quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
-def deepspeed_env(spec: LaunchSpec, env_file: str | Path, environ: dict[str, str] | None = None) -> dict[str, str]:
+def deepspeed_env(
+    spec: LaunchSpec, env_file: str | Path, environ: dict[str, str] | None = None
+) -> dict[str, str]:
     """The deepspeed runner process's environment: the launch env, plus DS_ENV_FILE naming the file it
     exports to the other nodes (write `env_file_text(launch_env(spec) + master)` there)."""
     return {**launch_env(spec, environ), "DS_ENV_FILE": str(Path(env_file).absolute())}
@@ -192,25 +220,58 @@ def torchrun_commands(spec: LaunchSpec, environ: dict[str, str] | None = None) -
     tail = ["-m", "train", *spec.train_args]
     if spec.nodes == 1:
         return [NodeCommand(spec.hosts[0].name, [*run, "--standalone", *tail], env)]
-    return [NodeCommand(h.name, [*run, f"--nnodes={spec.nodes}", f"--node_rank={i}", f"--master_addr={spec.master}",
-                                 f"--master_port={spec.master_port}", *tail], env)
-            for i, h in enumerate(spec.hosts)]
+    return [
+        NodeCommand(
+            h.name,
+            [
+                *run,
+                f"--nnodes={spec.nodes}",
+                f"--node_rank={i}",
+                f"--master_addr={spec.master}",
+                f"--master_port={spec.master_port}",
+                *tail,
+            ],
+            env,
+        )
+        for i, h in enumerate(spec.hosts)
+    ]
 
 
 def srun_torchrun_command(spec: LaunchSpec, gpus_per_node: int) -> list[str]:
     """For a Slurm batch script: one torchrun task per node meeting at a c10d rendezvous on the first node
     (shell variables are expanded by the batch script; srun's --export=ALL passes the environment)."""
-    return ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1", spec.python, "-m", "torch.distributed.run",
-            "--nnodes=$SLURM_NNODES", f"--nproc_per_node={gpus_per_node}", "--rdzv_backend=c10d",
-            "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv_id=$SLURM_JOB_ID", "-m", "train", *spec.train_args]
+    return [
+        "srun",
+        "--kill-on-bad-exit=1",
+        "--ntasks-per-node=1",
+        spec.python,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=$SLURM_NNODES",
+        f"--nproc_per_node={gpus_per_node}",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT",
+        "--rdzv_id=$SLURM_JOB_ID",
+        "-m",
+        "train",
+        *spec.train_args,
+    ]
 
 
 def local_command(nproc: int, overrides: list[str], python: str = sys.executable) -> list[str]:
     """One machine without a hostfile: `python -m train`, or torchrun --standalone for several processes."""
     if nproc <= 1:
         return [python, "-m", "train", *overrides]
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train",
-            *overrides]
+    return [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "train",
+        *overrides,
+    ]
 
 
 def shell_join(argv: list[str]) -> str:

@@ -32,8 +32,10 @@ def torch_env(environ: dict[str, str]) -> dict[str, str]:
         if rank in environ and size in environ:
             out = {"RANK": environ[rank], "WORLD_SIZE": environ[size], "LOCAL_RANK": environ.get(local, "0")}
             if int(out["WORLD_SIZE"]) > 1 and "MASTER_ADDR" not in environ:
-                raise SystemExit(f"launch/entry.py: {rank} is set but MASTER_ADDR is not; export MASTER_ADDR and "
-                                 "MASTER_PORT to every rank (python -m launch.run does)")
+                raise SystemExit(
+                    f"launch/entry.py: {rank} is set but MASTER_ADDR is not; export MASTER_ADDR and "
+                    "MASTER_PORT to every rank (python -m launch.run does)"
+                )
             return out
     return {}
 

@@ -42,14 +42,18 @@ def parse_hostfile(text: str, source: str = "<hostfile>") -> list[Host]:
             continue
         m = _LINE.match(line)
         if m is None:
-            raise HostfileError(f"{source}:{lineno}: cannot parse {raw.strip()!r}; expected 'HOSTNAME slots=N', "
-                                f"e.g. 'node-001 slots=8'")
+            raise HostfileError(
+                f"{source}:{lineno}: cannot parse {raw.strip()!r}; expected 'HOSTNAME slots=N', "
+                f"e.g. 'node-001 slots=8'"
+            )
         name, slots = m.group("host"), m.group("slots")
         if not slots.isdigit() or int(slots) < 1:
             raise HostfileError(f"{source}:{lineno}: slots must be a positive integer, got {slots!r}")
         if name in seen:
-            raise HostfileError(f"{source}:{lineno}: host {name!r} is listed again (first on line {seen[name]}); "
-                                f"list each node once with all its slots")
+            raise HostfileError(
+                f"{source}:{lineno}: host {name!r} is listed again (first on line {seen[name]}); "
+                f"list each node once with all its slots"
+            )
         seen[name] = lineno
         hosts.append(Host(name, int(slots)))
     if not hosts:
@@ -75,8 +79,10 @@ def uniform_slots(hosts: list[Host], why: str) -> int:
     """The common slot count; torchrun and srun start the same number of processes on every node."""
     counts = {h.slots for h in hosts}
     if len(counts) != 1:
-        raise HostfileError(f"{why} needs the same slots on every host, got "
-                            + ", ".join(f"{h.name}={h.slots}" for h in hosts))
+        raise HostfileError(
+            f"{why} needs the same slots on every host, got "
+            + ", ".join(f"{h.name}={h.slots}" for h in hosts)
+        )
     return counts.pop()
 
 

@@ -67,15 +67,22 @@ def _single_ids(tokenizer, chars: str) -> list[int]:
     for c in chars:
         enc = tokenizer.encode_batch([c])[0]
         if len(enc) != 1:
-            raise ValueError(f"the tokenizer encodes {c!r} as {len(enc)} tokens; the recall probe needs "
-                             f"one token per key, value and separator (use the byte tokenizer)")
+            raise ValueError(
+                f"the tokenizer encodes {c!r} as {len(enc)} tokens; the recall probe needs "
+                f"one token per key, value and separator (use the byte tokenizer)"
+            )
         ids.append(int(enc[0]))
     return ids
 
 
 @torch.no_grad()
-def score(model, tokenizer, cfg: ProbeConfig = ProbeConfig(), device: str | torch.device = "cpu",
-          batch_size: int = 100) -> dict:
+def score(
+    model,
+    tokenizer,
+    cfg: ProbeConfig = ProbeConfig(),
+    device: str | torch.device = "cpu",
+    batch_size: int = 100,
+) -> dict:
     """{"K=4": {"acc", "acc_free", "logp", "n"}, ..., "chance": 0.1}. Tokens are concatenated per character
     (never re-tokenized), each prompt starting with EOS like a packed document."""
     model.eval()
@@ -90,8 +97,8 @@ def score(model, tokenizer, cfg: ProbeConfig = ProbeConfig(), device: str | torc
         hits = free_hits = 0
         logp = 0.0
         for i in range(0, len(prompts), batch_size):
-            logits = model(ids[i:i + batch_size], return_logits=True).logits[:, -1].float()
-            t = target[i:i + batch_size]
+            logits = model(ids[i : i + batch_size], return_logits=True).logits[:, -1].float()
+            t = target[i : i + batch_size]
             restricted = torch.log_softmax(logits[:, value_ids], dim=-1)
             hits += int((restricted.argmax(-1) == t).sum())
             free_hits += int((logits.argmax(-1) == value_ids[t]).sum())
@@ -120,8 +127,11 @@ def probe_checkpoint(ckpt: str | Path, cfg: ProbeConfig = ProbeConfig(), device:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.probe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.probe",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("checkpoints", nargs="+", help="step_* directories or checkpoint roots")
     p.add_argument("--pairs", default="4,8,16", help="comma-separated numbers of key-value pairs K")
     p.add_argument("--prompts", type=int, default=200, help="prompts per K")

@@ -121,8 +121,11 @@ def find_runs(sweep_dir: Path) -> list[tuple[str, Path]]:
     if manifest.is_file():
         found = [(v["name"], sweep_dir / v["name"]) for v in json.loads(manifest.read_text())["variants"]]
         return [(n, p) for n, p in found if p.is_dir()]
-    return [(p.name, p) for p in sorted(sweep_dir.iterdir())
-            if p.is_dir() and ((p / "metrics.jsonl").is_file() or (p / "wandb").is_dir())]
+    return [
+        (p.name, p)
+        for p in sorted(sweep_dir.iterdir())
+        if p.is_dir() and ((p / "metrics.jsonl").is_file() or (p / "wandb").is_dir())
+    ]
 
 
 # ---- writing ------------------------------------------------------------------------------------------
@@ -136,24 +139,44 @@ def _millions(n: int | None) -> str:
 
 def markdown(results: list[RunResult], probe_cfg: ProbeConfig | None) -> str:
     ks = [f"K={k}" for k in probe_cfg.num_pairs] if probe_cfg else []
-    head = ["variant", "layout", "params total / active", "steps", "tokens", "train loss (last 10%)", "val loss",
-            "tokens/s", *[f"recall {k}" for k in ks]]
+    head = [
+        "variant",
+        "layout",
+        "params total / active",
+        "steps",
+        "tokens",
+        "train loss (last 10%)",
+        "val loss",
+        "tokens/s",
+        *[f"recall {k}" for k in ks],
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         last = r.train[-1] if r.train else {}
         steps = f"{r.final_step}" + (f"/{r.max_steps}" if r.max_steps and r.final_step < r.max_steps else "")
-        row = [r.name, f"`{r.pattern}`", f"{_millions(r.params.get('total'))} / {_millions(r.params.get('active'))}",
-               steps, f"{last.get('train/tokens', 0):,}", _fmt(r.train_loss()),
-               _fmt(r.val[-1]["val/loss"] if r.val else None), _fmt(r.tokens_per_s(), ",.0f")]
+        row = [
+            r.name,
+            f"`{r.pattern}`",
+            f"{_millions(r.params.get('total'))} / {_millions(r.params.get('active'))}",
+            steps,
+            f"{last.get('train/tokens', 0):,}",
+            _fmt(r.train_loss()),
+            _fmt(r.val[-1]["val/loss"] if r.val else None),
+            _fmt(r.tokens_per_s(), ",.0f"),
+        ]
         row += [_fmt((r.probe or {}).get(k, {}).get("acc"), ".2f") for k in ks]
         lines.append("| " + " | ".join(row) + " |")
-    notes = ["",
-             "Layout: `*` attention, `M` Mamba, `E` MoE feed-forward. Parameters count embeddings "
-             "(jamba/counting.py). Val loss: the last validation pass. tokens/s: median of the logged steps."]
+    notes = [
+        "",
+        "Layout: `*` attention, `M` Mamba, `E` MoE feed-forward. Parameters count embeddings "
+        "(jamba/counting.py). Val loss: the last validation pass. tokens/s: median of the logged steps.",
+    ]
     if probe_cfg:
-        notes.append(f"Recall K=n: in-context associative recall with n key-value pairs (launch/probe.py), accuracy "
-                     f"of the argmax over the {int(round(1 / chance()))} possible values on {probe_cfg.num_prompts} "
-                     f"seeded prompts per K; random chance {chance():.2f}.")
+        notes.append(
+            f"Recall K=n: in-context associative recall with n key-value pairs (launch/probe.py), accuracy "
+            f"of the argmax over the {int(round(1 / chance()))} possible values on {probe_cfg.num_prompts} "
+            f"seeded prompts per K; random chance {chance():.2f}."
+        )
     return "\n".join(lines + notes) + "\n"
 
 
@@ -174,8 +197,12 @@ def plot(results: list[RunResult], path: Path, probe_cfg: ProbeConfig | None) ->
     colours = {ratio: plt.get_cmap("tab10")(i) for i, ratio in enumerate(ratios)}
     late: list[float] = []  # train losses after the first fifth of training: the y range worth showing
     for r in results:
-        style = dict(color=colours[r.name.split("-")[0]], linestyle="--" if r.moe is False else "-", label=r.name,
-                     linewidth=1.3)
+        style = dict(
+            color=colours[r.name.split("-")[0]],
+            linestyle="--" if r.moe is False else "-",
+            label=r.name,
+            linewidth=1.3,
+        )
         if r.train:
             ema, ys = None, []
             for rec in r.train:  # EMA over logged records: the raw per-step loss is noisy at this batch size
@@ -196,8 +223,13 @@ def plot(results: list[RunResult], path: Path, probe_cfg: ProbeConfig | None) ->
     axes[1].set(title="validation loss", xlabel="tokens (thousands)")
     if with_probe:
         axes[2].axhline(chance(), color="grey", linewidth=0.8, linestyle=":", label="chance")
-        axes[2].set(title="associative recall", xlabel="key-value pairs in context (K)", ylabel="accuracy",
-                    ylim=(0, 1), xticks=list(probe_cfg.num_pairs))
+        axes[2].set(
+            title="associative recall",
+            xlabel="key-value pairs in context (K)",
+            ylabel="accuracy",
+            ylim=(0, 1),
+            xticks=list(probe_cfg.num_pairs),
+        )
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
@@ -208,8 +240,11 @@ def plot(results: list[RunResult], path: Path, probe_cfg: ProbeConfig | None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("sweep_dir", help="runs/sweep-NAME (or any directory of run directories)")
     p.add_argument("-o", "--output", help="Markdown file (default: print)")
     p.add_argument("--plot", help="PNG of the loss curves")
@@ -223,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"error: no runs under {sweep_dir}", file=sys.stderr)
         return 2
-    probe_cfg = None if a.no_probe else ProbeConfig(num_pairs=tuple(int(k) for k in a.pairs.split(",")),
-                                                    num_prompts=a.prompts)
+    probe_cfg = (
+        None
+        if a.no_probe
+        else ProbeConfig(num_pairs=tuple(int(k) for k in a.pairs.split(",")), num_prompts=a.prompts)
+    )
     results = []
     for name, run_dir in runs:
         res = load_run(run_dir, name)

@@ -44,7 +44,9 @@ class Plan:
 
     cwd: str
     files: dict[Path, str] = field(default_factory=dict)
-    procs: list[tuple[str, list[str], dict[str, str]]] = field(default_factory=list)  # (what, argv, env additions)
+    procs: list[tuple[str, list[str], dict[str, str]]] = field(
+        default_factory=list
+    )  # (what, argv, env additions)
 
     def describe(self) -> str:
         out = []
@@ -56,8 +58,14 @@ class Plan:
         return "\n\n".join(out) + "\n"
 
 
-def make_plan(spec: LaunchSpec, launcher: str, launch_dir: Path, hostfile: Path | None,
-              slurm_args: argparse.Namespace | None = None, environ: dict[str, str] | None = None) -> Plan:
+def make_plan(
+    spec: LaunchSpec,
+    launcher: str,
+    launch_dir: Path,
+    hostfile: Path | None,
+    slurm_args: argparse.Namespace | None = None,
+    environ: dict[str, str] | None = None,
+) -> Plan:
     plan = Plan(cwd=spec.workdir)
     if launcher == "deepspeed":
         if hostfile is None:
@@ -65,8 +73,13 @@ def make_plan(spec: LaunchSpec, launcher: str, launch_dir: Path, hostfile: Path 
             plan.files[hostfile] = "".join(h.line() + "\n" for h in spec.hosts)
         env_file = launch_dir / "ds_env"
         plan.files[env_file] = env_file_text(deepspeed_exports(spec, environ))
-        plan.procs.append(("deepspeed runner (starts every node)", deepspeed_command(spec, hostfile),
-                           deepspeed_env(spec, env_file, environ)))
+        plan.procs.append(
+            (
+                "deepspeed runner (starts every node)",
+                deepspeed_command(spec, hostfile),
+                deepspeed_env(spec, env_file, environ),
+            )
+        )
     elif launcher == "torchrun":
         for i, node in enumerate(torchrun_commands(spec, environ)):
             plan.procs.append((f"node {i}: {node.host}", node.ssh(spec.workdir), {}))
@@ -89,8 +102,10 @@ def execute(plan: Plan, timeout: float | None = None) -> int:
     for path, text in plan.files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    procs = [subprocess.Popen(argv, env={**os.environ, **env}, cwd=plan.cwd, start_new_session=True)
-             for _, argv, env in plan.procs]
+    procs = [
+        subprocess.Popen(argv, env={**os.environ, **env}, cwd=plan.cwd, start_new_session=True)
+        for _, argv, env in plan.procs
+    ]
 
     def stop(sig: int = signal.SIGTERM) -> None:
         for p in procs:
@@ -129,8 +144,15 @@ def build_spec(a: argparse.Namespace) -> tuple[LaunchSpec, Path | None]:
         if (a.nodes or 1) > 1 and a.launcher != "slurm":
             raise LaunchError("several nodes need a --hostfile (or --launcher slurm, where Slurm picks them)")
         hosts = [Host(f"{name}{i if i else ''}", gpus) for i in range(a.nodes or 1)]
-    spec = LaunchSpec(hosts=hosts, overrides=a.overrides, ds_launcher=a.ds_launcher, master_addr=a.master_addr,
-                      master_port=a.master_port, env=parse_env(a.env), wandb_mode=a.wandb_mode)
+    spec = LaunchSpec(
+        hosts=hosts,
+        overrides=a.overrides,
+        ds_launcher=a.ds_launcher,
+        master_addr=a.master_addr,
+        master_port=a.master_port,
+        env=parse_env(a.env),
+        wandb_mode=a.wandb_mode,
+    )
     return spec, hostfile
 
 
@@ -144,20 +166,29 @@ def _local_gpus() -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m launch.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed")
     p.add_argument("--hostfile", help="'HOST slots=N' lines; the first host is node 0 and the master")
     p.add_argument("--nodes", type=int, help="with --launcher slurm and no hostfile: nodes to ask for")
-    p.add_argument("--gpus-per-node", type=int, help="without a hostfile (default: this machine's GPUs, or 1)")
-    p.add_argument("--ds-launcher", default="pdsh", choices=("pdsh", "openmpi", "mvapich", "slurm"),
-                   help="the deepspeed runner's --launcher for several nodes")
+    p.add_argument(
+        "--gpus-per-node", type=int, help="without a hostfile (default: this machine's GPUs, or 1)"
+    )
+    p.add_argument(
+        "--ds-launcher",
+        default="pdsh",
+        choices=("pdsh", "openmpi", "mvapich", "slurm"),
+        help="the deepspeed runner's --launcher for several nodes",
+    )
     p.add_argument("--master-addr", help="default: the first host")
     p.add_argument("--master-port", type=int, default=29500)
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="set on every rank (repeatable)")
     p.add_argument("--wandb-mode", choices=("online", "offline", "disabled"))
-    p.add_argument("--launch-dir", help="where the generated hostfile / env file / script go "
-                                        "(default runs/launch/<time>-<pid>)")
+    p.add_argument(
+        "--launch-dir",
+        help="where the generated hostfile / env file / script go (default runs/launch/<time>-<pid>)",
+    )
     p.add_argument("--timeout", type=float, help="kill the job after this many seconds (tests)")
     p.add_argument("--dry-run", action="store_true", help="print what would be written and run")
     add_slurm_args(p)
@@ -169,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
         spec, hostfile = build_spec(a)
-        launch_dir = Path(a.launch_dir or f"runs/launch/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}").absolute()
+        launch_dir = Path(
+            a.launch_dir or f"runs/launch/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        ).absolute()
         plan = make_plan(spec, a.launcher, launch_dir, hostfile, a)
     except (LaunchError, HostfileError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -177,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.dry_run:
         sys.stdout.write(plan.describe())
         return 0
-    print(f"launch: {a.launcher}, {spec.nodes} node(s) x {spec.hosts[0].slots}, files in {launch_dir}", flush=True)
+    print(
+        f"launch: {a.launcher}, {spec.nodes} node(s) x {spec.hosts[0].slots}, files in {launch_dir}",
+        flush=True,
+    )
     try:
         return execute(plan, a.timeout)
     except FileNotFoundError as e:  # pdsh, ssh or sbatch missing on this machine

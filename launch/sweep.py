@@ -42,9 +42,20 @@ from .hostfile import Host
 
 RATIOS = ("attn", "1:3", "1:7", "mamba")
 # Keys the sweep sets for each run; an extra override of one of them would silently break the comparison.
-OWNED = ("model", "model.layer_pattern", "model.num_experts", "model.attn_layer_period", "model.attn_layer_offset",
-         "model.expert_layer_period", "model.expert_layer_offset", "run_name", "run_dir", "trainer.max_steps",
-         "logging.wandb.group", "resume")
+OWNED = (
+    "model",
+    "model.layer_pattern",
+    "model.num_experts",
+    "model.attn_layer_period",
+    "model.attn_layer_offset",
+    "model.expert_layer_period",
+    "model.expert_layer_offset",
+    "run_name",
+    "run_dir",
+    "trainer.max_steps",
+    "logging.wandb.group",
+    "resume",
+)
 
 
 @dataclass
@@ -70,7 +81,9 @@ def layer_pattern(num_layers: int, ratio: str, moe: bool) -> str:
     else:
         m = re.fullmatch(r"1:(\d+)", ratio)
         if m is None or int(m.group(1)) < 1:
-            raise LaunchError(f"ratio {ratio!r}: use attn, mamba or 1:k (one attention layer per k Mamba layers)")
+            raise LaunchError(
+                f"ratio {ratio!r}: use attn, mamba or 1:k (one attention layer per k Mamba layers)"
+            )
         period = int(m.group(1)) + 1
         if period > num_layers:
             raise LaunchError(f"ratio {ratio} needs at least {period} layers, the model has {num_layers}")
@@ -108,8 +121,10 @@ def _key(override: str) -> str:
 def plan_variants(a: argparse.Namespace) -> list[Variant]:
     for o in a.overrides:
         if _key(o) in OWNED:
-            raise LaunchError(f"{o!r}: the sweep sets {_key(o)} for every run (use --preset, --steps, --name, "
-                              f"--ratios, --moe)")
+            raise LaunchError(
+                f"{o!r}: the sweep sets {_key(o)} for every run (use --preset, --steps, --name, "
+                f"--ratios, --moe)"
+            )
     base = [f"model={a.preset}", *([f"+experiment={a.experiment}"] if a.experiment else []), *a.overrides]
     model = compose(base)[0].model
     from train.config import build_model_config
@@ -119,20 +134,35 @@ def plan_variants(a: argparse.Namespace) -> list[Variant]:
     axes = [(k, vs.split(",")) for k, _, vs in (ax.partition("=") for ax in a.axis)]
     for k, vs in axes:
         if not k or not all(vs) or _key(k) in OWNED:
-            raise LaunchError(f"--axis wants KEY=V1,V2 for a key the sweep does not set, got {k}={','.join(vs)}")
+            raise LaunchError(
+                f"--axis wants KEY=V1,V2 for a key the sweep does not set, got {k}={','.join(vs)}"
+            )
     variants = []
     for ratio, moe, *values in itertools.product(a.ratios, a.moe, *[vs for _, vs in axes]):
-        name = "-".join([ratio_label(ratio), "moe" if moe else "dense",
-                         *(f"{k.rsplit('.', 1)[-1]}-{v}" for (k, _), v in zip(axes, values, strict=True))])
+        name = "-".join(
+            [
+                ratio_label(ratio),
+                "moe" if moe else "dense",
+                *(f"{k.rsplit('.', 1)[-1]}-{v}" for (k, _), v in zip(axes, values, strict=True)),
+            ]
+        )
         run_dir = Path(a.root) / f"sweep-{a.name}" / name
         pattern = layer_pattern(mcfg.num_hidden_layers, ratio, moe)
         layout = [f"model.layer_pattern={pattern}", f"model.num_experts={experts if moe else 1}"]
         if moe and mcfg.num_experts_per_tok < 2 and "model.num_experts_per_tok" not in map(_key, a.overrides):
             layout.append("model.num_experts_per_tok=2")  # a dense preset turned MoE: the paper's top-2
         tags = ",".join([f"sweep-{a.name}", f"ratio-{ratio_label(ratio)}", "moe" if moe else "dense"])
-        overrides = [*base, *layout, *(f"{k}={v}" for (k, _), v in zip(axes, values, strict=True)),
-                     f"trainer.max_steps={a.steps}", f"run_name={a.name}-{name}", f"run_dir={run_dir}",
-                     f"logging.wandb.group={a.name}", f"logging.wandb.tags=[{tags}]", "resume=auto"]
+        overrides = [
+            *base,
+            *layout,
+            *(f"{k}={v}" for (k, _), v in zip(axes, values, strict=True)),
+            f"trainer.max_steps={a.steps}",
+            f"run_name={a.name}-{name}",
+            f"run_dir={run_dir}",
+            f"logging.wandb.group={a.name}",
+            f"logging.wandb.tags=[{tags}]",
+            "resume=auto",
+        ]
         variants.append(Variant(name, ratio, moe, pattern, overrides, run_dir))
     for v, cfg in zip(variants, compose(*(v.overrides for v in variants)), strict=True):
         v.status, v.step = run_status(cfg.checkpoint.dir, a.steps)
@@ -145,16 +175,40 @@ def write_manifest(a: argparse.Namespace, variants: list[Variant]) -> Path:
     path = Path(a.root) / f"sweep-{a.name}" / "sweep.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     listed = {v["name"]: v for v in json.loads(path.read_text())["variants"]} if path.is_file() else {}
-    listed.update({v.name: {"name": v.name, "ratio": v.ratio, "moe": v.moe, "layer_pattern": v.pattern,
-                            "run_dir": str(v.run_dir), "overrides": v.overrides} for v in variants})
-    path.write_text(json.dumps({
-        "name": a.name, "preset": a.preset, "steps": a.steps, "nproc": a.nproc, "experiment": a.experiment,
-        "extra_overrides": a.overrides, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "variants": list(listed.values())}, indent=1))
+    listed.update(
+        {
+            v.name: {
+                "name": v.name,
+                "ratio": v.ratio,
+                "moe": v.moe,
+                "layer_pattern": v.pattern,
+                "run_dir": str(v.run_dir),
+                "overrides": v.overrides,
+            }
+            for v in variants
+        }
+    )
+    path.write_text(
+        json.dumps(
+            {
+                "name": a.name,
+                "preset": a.preset,
+                "steps": a.steps,
+                "nproc": a.nproc,
+                "experiment": a.experiment,
+                "extra_overrides": a.overrides,
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "variants": list(listed.values()),
+            },
+            indent=1,
+        )
+    )
     return path
 
 
-def run_local(variants: list[Variant], nproc: int, show_output: bool, timeout: float | None) -> dict[str, int]:
+def run_local(
+    variants: list[Variant], nproc: int, show_output: bool, timeout: float | None
+) -> dict[str, int]:
     """One run after another; each run's console output goes to <run_dir>/console.log."""
     results = {}
     for i, v in enumerate(variants, 1):
@@ -166,8 +220,12 @@ def run_local(variants: list[Variant], nproc: int, show_output: bool, timeout: f
         v.run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         with open(v.run_dir / "console.log", "a") as log:
-            p = subprocess.Popen(local_command(nproc, v.overrides), stdout=None if show_output else log,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+            p = subprocess.Popen(
+                local_command(nproc, v.overrides),
+                stdout=None if show_output else log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 rc = p.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -205,34 +263,63 @@ def run_slurm(a: argparse.Namespace, variants: list[Variant]) -> None:
             print(f"{v.name}: {'done' if v.status == 'done' else 'already queued'}, skipped")
             continue
         # a port per run: single-node jobs of one sweep may share a node
-        spec = LaunchSpec(hosts=[Host("slurm", a.gpus_per_node)] * a.nodes, overrides=v.overrides,
-                          master_port=29500 + i)
-        opts = SlurmOptions(nodes=a.nodes, gpus_per_node=a.gpus_per_node, job_name=job, partition=a.partition,
-                            account=a.account, time=a.time, output=f"{v.run_dir}/slurm-%j.out")
+        spec = LaunchSpec(
+            hosts=[Host("slurm", a.gpus_per_node)] * a.nodes, overrides=v.overrides, master_port=29500 + i
+        )
+        opts = SlurmOptions(
+            nodes=a.nodes,
+            gpus_per_node=a.gpus_per_node,
+            job_name=job,
+            partition=a.partition,
+            account=a.account,
+            time=a.time,
+            output=f"{v.run_dir}/slurm-%j.out",
+        )
         script = render_sbatch(spec, opts)
         job_id = write_and_submit(script, v.run_dir / "job.sbatch", submit=not a.dry_run)
         print(f"{v.name}: {'wrote' if a.dry_run else f'submitted job {job_id},'} {v.run_dir / 'job.sbatch'}")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--name", default="ratio", help="sweep name: runs/sweep-NAME, W&B group NAME")
     p.add_argument("--preset", default="debug", help="model preset (conf/model/*.yaml)")
     p.add_argument("--steps", type=int, default=120, help="optimizer steps per run (the same for all)")
     p.add_argument("--ratios", type=lambda s: s.split(","), default=list(RATIOS), help="attn,1:3,1:7,mamba")
-    p.add_argument("--moe", type=lambda s: [{"on": True, "off": False}[x] for x in s.split(",")],
-                   default=[True, False], help="on,off")
+    p.add_argument(
+        "--moe",
+        type=lambda s: [{"on": True, "off": False}[x] for x in s.split(",")],
+        default=[True, False],
+        help="on,off",
+    )
     p.add_argument("--experts", type=int, help="experts when MoE is on (default: the preset's, else 16)")
-    p.add_argument("--axis", action="append", default=[], metavar="KEY=V1,V2",
-                   help="another axis of the grid, e.g. model.use_rope=false,true (repeatable)")
-    p.add_argument("--experiment", help="conf/experiment/ file with the shared settings "
-                                        "(default: ablation-debug for --preset debug, else ablation; '' for none)")
+    p.add_argument(
+        "--axis",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="another axis of the grid, e.g. model.use_rope=false,true (repeatable)",
+    )
+    p.add_argument(
+        "--experiment",
+        help="conf/experiment/ file with the shared settings "
+        "(default: ablation-debug for --preset debug, else ablation; '' for none)",
+    )
     p.add_argument("--nproc", type=int, default=1, help="processes per run on this machine")
     p.add_argument("--root", default="runs")
-    p.add_argument("--timeout", type=float, help="seconds per run; then it is stopped (and resumes next time)")
-    p.add_argument("--show-output", action="store_true", help="train's console output here, not in console.log")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (and write Slurm scripts), run nothing")
+    p.add_argument(
+        "--timeout", type=float, help="seconds per run; then it is stopped (and resumes next time)"
+    )
+    p.add_argument(
+        "--show-output", action="store_true", help="train's console output here, not in console.log"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan (and write Slurm scripts), run nothing"
+    )
     g = p.add_argument_group("Slurm (one job per run)")
     g.add_argument("--slurm", action="store_true")
     g.add_argument("--nodes", type=int, default=1)

@@ -11,14 +11,24 @@ DeepSpeed is imported only by deepspeed_moe and groups.register_with_deepspeed.
 
 from .config import ParallelConfig
 from .expert_parallel import (
-                              apply_expert_parallel,
-                              gather_full_state_dict,
-                              is_expert_param,
-                              load_full_state_dict,
+    apply_expert_parallel,
+    gather_full_state_dict,
+    is_expert_param,
+    load_full_state_dict,
 )
 from .grad_norm import clip_grad_norm_, global_grad_norm
 from .groups import GroupLayout, ProcessGroups, check_expert_parallel, init_process_groups
 
-__all__ = ["GroupLayout", "ParallelConfig", "ProcessGroups", "apply_expert_parallel", "check_expert_parallel",
-           "clip_grad_norm_", "gather_full_state_dict", "global_grad_norm", "init_process_groups",
-           "is_expert_param", "load_full_state_dict"]
+__all__ = [
+    "GroupLayout",
+    "ParallelConfig",
+    "ProcessGroups",
+    "apply_expert_parallel",
+    "check_expert_parallel",
+    "clip_grad_norm_",
+    "gather_full_state_dict",
+    "global_grad_norm",
+    "init_process_groups",
+    "is_expert_param",
+    "load_full_state_dict",
+]

@@ -41,8 +41,12 @@ def expert_params(model: nn.Module) -> dict[str, tuple[nn.Parameter, int, int, i
     for mname, ex in _expert_modules(model).items():
         for pname in EXPERT_PARAM_NAMES:
             out[f"{mname}.{pname}" if mname else pname] = (
-                getattr(ex, pname), getattr(ex, "expert_offset", 0), ex.num_experts,
-                getattr(ex, "num_global_experts", ex.num_experts), getattr(ex, "ep_size", 1))
+                getattr(ex, pname),
+                getattr(ex, "expert_offset", 0),
+                ex.num_experts,
+                getattr(ex, "num_global_experts", ex.num_experts),
+                getattr(ex, "ep_size", 1),
+            )
     return out
 
 
@@ -64,13 +68,18 @@ def _save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path),
-              metadata={"json": json.dumps(meta)})
+    save_file(
+        {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+        str(path),
+        metadata={"json": json.dumps(meta)},
+    )
 
 
 def _expert_meta(model: nn.Module) -> dict:
-    return {name: {"expert_offset": off, "num_local": n, "num_experts": E}
-            for name, (_, off, n, E, _) in expert_params(model).items()}
+    return {
+        name: {"expert_offset": off, "num_local": n, "num_experts": E}
+        for name, (_, off, n, E, _) in expert_params(model).items()
+    }
 
 
 def save_local_experts(model: nn.Module, ckpt: Path) -> None:
@@ -80,8 +89,11 @@ def save_local_experts(model: nn.Module, ckpt: Path) -> None:
     if not params or _ep_position(model)[1] == 1 or not _writes_experts(model):
         return  # without expert parallelism DeepSpeed's module file holds every expert
     r, ep = _ep_position(model)
-    _save({k: p for k, (p, *_) in params.items()}, {"experts": _expert_meta(model), "ep_size": ep},
-          Path(ckpt) / EXPERTS_FILE.format(r))
+    _save(
+        {k: p for k, (p, *_) in params.items()},
+        {"experts": _expert_meta(model), "ep_size": ep},
+        Path(ckpt) / EXPERTS_FILE.format(r),
+    )
 
 
 class ExpertReader:
@@ -105,11 +117,13 @@ class ExpertReader:
             lo, hi = m["expert_offset"], m["expert_offset"] + m["num_local"]
             if lo <= want < hi and want < start + count:
                 take = min(hi, start + count) - want
-                parts.append(h.get_slice(key)[want - lo:want - lo + take])
+                parts.append(h.get_slice(key)[want - lo : want - lo + take])
                 want += take
         if want != start + count:
-            raise FileNotFoundError(f"{name}: experts {want}..{start + count - 1} are in none of "
-                                    f"{[str(f.name) for f, *_ in self.files]}")
+            raise FileNotFoundError(
+                f"{name}: experts {want}..{start + count - 1} are in none of "
+                f"{[str(f.name) for f, *_ in self.files]}"
+            )
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
@@ -134,10 +148,13 @@ def load_local_experts(model: nn.Module, ckpt: Path) -> None:
 
 # ---- portable optimizer state (ZeRO-1/2 through DeepSpeed's safe_get/set_full_* API) -------------------
 
+
 def _link(opt) -> None:
     if not hasattr(opt, "single_partition_of_fp32_groups"):
-        raise RuntimeError(f"a portable checkpoint needs DeepSpeed's ZeRO-1/2 optimizer, not {type(opt).__name__} "
-                           f"(set checkpoint.portable=false)")
+        raise RuntimeError(
+            f"a portable checkpoint needs DeepSpeed's ZeRO-1/2 optimizer, not {type(opt).__name__} "
+            f"(set checkpoint.portable=false)"
+        )
     # ZeRO links the optimizer-state fragments after the first param group's step, before torch AdamW has
     # state for the later (MoE) groups: re-link now (docs/parallel.md).
     opt._hp_optimizer_states_linked = False
@@ -168,15 +185,19 @@ def save_portable(engine, ckpt: Path) -> None:
             out[f"{name}::{k}"] = safe_get_full_optimizer_state(p, k)
     missing = [k for k, v in {**dense, **local}.items() if v is None]
     if missing:
-        raise RuntimeError(f"portable checkpoint: no optimizer state for {missing[:3]} (ZeRO stage 1/2 and "
-                           f"an Adam-type optimizer are needed)")
+        raise RuntimeError(
+            f"portable checkpoint: no optimizer state for {missing[:3]} (ZeRO stage 1/2 and "
+            f"an Adam-type optimizer are needed)"
+        )
     meta = {"step": _adam_step(opt)}
     out_dir = Path(ckpt) / PORTABLE_DIR
     if _rank() == 0:
         _save(dense, meta, out_dir / DENSE_FILE)
     if experts and _writes_experts(model):
         r, ep = _ep_position(model)
-        _save(local, {**meta, "experts": _expert_meta(model), "ep_size": ep}, out_dir / EXPERTS_FILE.format(r))
+        _save(
+            local, {**meta, "experts": _expert_meta(model), "ep_size": ep}, out_dir / EXPERTS_FILE.format(r)
+        )
 
 
 def has_portable(ckpt: Path) -> bool:

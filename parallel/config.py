@@ -37,16 +37,31 @@ class ParallelConfig:
                 raise ValueError(f"ParallelConfig.{fld}: {msg}")
 
         ep = self.expert_parallel_size
-        need(isinstance(ep, int) and not isinstance(ep, bool) and ep >= 1, "expert_parallel_size",
-             f"must be an int >= 1, got {ep!r}")
-        need(self.zero_stage in ZERO_STAGES, "zero_stage", f"must be one of {ZERO_STAGES}, got {self.zero_stage!r}")
-        need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
-        need(self.router_stats_scope in STATS_SCOPES, "router_stats_scope",
-             f"must be one of {STATS_SCOPES}, got {self.router_stats_scope!r}")
-        need(not (self.zero_stage == 3 and ep > 1), "zero_stage",
-             f"ZeRO stage 3 cannot be combined with expert_parallel_size={ep}: DeepSpeed's engine refuses "
-             "ZeRO-3 for MoE layers and stage 3 would gather every expert onto every rank anyway. "
-             "Use zero_stage 1 or 2 with expert parallelism, or expert_parallel_size=1 with stage 3")
+        need(
+            isinstance(ep, int) and not isinstance(ep, bool) and ep >= 1,
+            "expert_parallel_size",
+            f"must be an int >= 1, got {ep!r}",
+        )
+        need(
+            self.zero_stage in ZERO_STAGES,
+            "zero_stage",
+            f"must be one of {ZERO_STAGES}, got {self.zero_stage!r}",
+        )
+        need(
+            self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {self.precision!r}"
+        )
+        need(
+            self.router_stats_scope in STATS_SCOPES,
+            "router_stats_scope",
+            f"must be one of {STATS_SCOPES}, got {self.router_stats_scope!r}",
+        )
+        need(
+            not (self.zero_stage == 3 and ep > 1),
+            "zero_stage",
+            f"ZeRO stage 3 cannot be combined with expert_parallel_size={ep}: DeepSpeed's engine refuses "
+            "ZeRO-3 for MoE layers and stage 3 would gather every expert onto every rank anyway. "
+            "Use zero_stage 1 or 2 with expert parallelism, or expert_parallel_size=1 with stage 3",
+        )
 
     def check(self, world_size: int, num_experts: int | None = None) -> None:
         """Cross-checks against the world and the model; raises ValueError naming the fix."""
@@ -58,8 +73,11 @@ class ParallelConfig:
         """'bf16' or 'fp32' for the device the run uses ('auto' decided here)."""
         if self.precision != "auto":
             return self.precision
-        dev = torch.device(device) if device is not None else \
-            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = (
+            torch.device(device)
+            if device is not None
+            else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return "bf16"
         return "fp32"

@@ -23,8 +23,10 @@ def allreduce_gradients(parameters: Iterable[torch.Tensor], dp_group=None) -> No
     world = dist.get_world_size(dp_group)
     for p in parameters:
         if p.grad is None:
-            raise RuntimeError("allreduce_gradients: a parameter has no .grad; every rank must hold a gradient "
-                               "for every parameter (use zeros) or the collectives would mismatch")
+            raise RuntimeError(
+                "allreduce_gradients: a parameter has no .grad; every rank must hold a gradient "
+                "for every parameter (use zeros) or the collectives would mismatch"
+            )
         group = group_for_name(p.group_name).edp_group if is_expert_param(p) else dp_group
         if dist.get_world_size(group) > 1:
             dist.all_reduce(p.grad, group=group)

@@ -45,13 +45,17 @@ def _marker_class():
             def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, **_) -> None:
                 # The engine calls this to create groups; ours exist already (register_with_deepspeed).
                 if use_data_before_expert_parallel_:
-                    raise ValueError("use_data_before_expert_parallel is not supported: parallel/ lays out "
-                                     "expert-parallel groups as consecutive ranks (DeepSpeed's default)")
+                    raise ValueError(
+                        "use_data_before_expert_parallel is not supported: parallel/ lays out "
+                        "expert-parallel groups as consecutive ranks (DeepSpeed's default)"
+                    )
                 from deepspeed.utils import groups as ds_groups
 
                 if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
-                    raise RuntimeError(f"DeepSpeed has no groups named {self.expert_group_name}: call "
-                                       "parallel.deepspeed_moe.prepare_deepspeed_moe before deepspeed.initialize")
+                    raise RuntimeError(
+                        f"DeepSpeed has no groups named {self.expert_group_name}: call "
+                        "parallel.deepspeed_moe.prepare_deepspeed_moe before deepspeed.initialize"
+                    )
 
             def forward(self, *args, **kwargs):
                 raise RuntimeError("DeepSpeedMoEMarker is a tag for DeepSpeed's engine; it is never called")
@@ -87,5 +91,8 @@ def moe_param_groups(param_groups: list[dict]) -> list[dict]:
     (`moe: True`, name `ep_size_<ep>`); groups without a "name" get one ("group<i>")."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    named = [{**g, "name": g.get("name", f"group{i}"), "params": list(g["params"])} for i, g in enumerate(param_groups)]
+    named = [
+        {**g, "name": g.get("name", f"group{i}"), "params": list(g["params"])}
+        for i, g in enumerate(param_groups)
+    ]
     return split_params_into_different_moe_groups_for_optimizer(named)

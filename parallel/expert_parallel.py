@@ -41,8 +41,9 @@ class AllToAllDispatcher:
         self.group, self.ep_size, self.num_experts = group, ep_size, num_experts
         self.num_local = num_experts // ep_size
 
-    def __call__(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor,
-                 experts: Experts) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, experts: Experts
+    ) -> torch.Tensor:
         P, El = self.ep_size, self.num_local
         k = topk_idx.shape[1]
         flat = topk_idx.reshape(-1)
@@ -98,11 +99,13 @@ class StatsReducer:
 
     def __call__(self, counts, prob_sum, z_sum, n):
         E = prob_sum.shape[0]
-        packed = torch.cat([prob_sum.double(), z_sum.double().reshape(1), counts.double(), n.double().reshape(1)])
+        packed = torch.cat(
+            [prob_sum.double(), z_sum.double().reshape(1), counts.double(), n.double().reshape(1)]
+        )
         total = all_reduce_sum(packed, self.group)
         prob = total[:E].to(prob_sum.dtype)
         z = total[E].to(z_sum.dtype)
-        cnt = total[E + 1:2 * E + 1].detach().round().to(counts.dtype)
+        cnt = total[E + 1 : 2 * E + 1].detach().round().to(counts.dtype)
         n_all = total[2 * E + 1].detach().to(n.dtype)
         return cnt, prob, z, n_all
 
@@ -111,8 +114,9 @@ def moe_layers(model: nn.Module) -> list[tuple[str, SparseMoE]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseMoE)]
 
 
-def apply_expert_parallel(model: nn.Module, ep_size: int, groups: ProcessGroups | None = None,
-                          stats_scope: str = "ep") -> None:
+def apply_expert_parallel(
+    model: nn.Module, ep_size: int, groups: ProcessGroups | None = None, stats_scope: str = "ep"
+) -> None:
     """Shard every SparseMoE of `model` over the EP group, in place. Every rank must call it.
 
     Expert weights may be real (each rank keeps its slice; the rest is freed) or on the meta device
@@ -137,7 +141,7 @@ def apply_expert_parallel(model: nn.Module, ep_size: int, groups: ProcessGroups 
         if ep_size > 1:
             for pname in EXPERT_PARAM_NAMES:
                 old = getattr(experts, pname)
-                new = nn.Parameter(old.detach()[start:start + El].clone(), requires_grad=old.requires_grad)
+                new = nn.Parameter(old.detach()[start : start + El].clone(), requires_grad=old.requires_grad)
                 setattr(experts, pname, new)
             experts.num_experts = El
             moe.dispatcher = AllToAllDispatcher(groups.ep_group, ep_size, E)
@@ -152,6 +156,7 @@ def apply_expert_parallel(model: nn.Module, ep_size: int, groups: ProcessGroups 
 
 
 # ---- whole-model views of sharded experts ------------------------------------------------------------
+
 
 def is_expert_param(p: torch.Tensor) -> bool:
     return getattr(p, "allreduce", True) is False
@@ -198,13 +203,19 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
                 want = getattr(ex, "num_global_experts", El)
                 if full.shape[0] != want:
                     raise ValueError(f"{key}: state dict has {full.shape[0]} experts, the model {want}")
-                sd[key] = full[off:off + El]
+                sd[key] = full[off : off + El]
     return model.load_state_dict(sd, strict=strict)
 
 
 def expert_shard_info(model: nn.Module) -> dict[str, dict]:
     """Per expert tensor: which global experts this rank holds (for per-rank checkpoints)."""
-    return {f"{n}.{p}": {"expert_offset": getattr(m, "expert_offset", 0), "num_local": m.num_experts,
-                         "num_experts": getattr(m, "num_global_experts", m.num_experts),
-                         "ep_size": getattr(m, "ep_size", 1)}
-            for n, m in _expert_modules(model).items() for p in EXPERT_PARAM_NAMES}
+    return {
+        f"{n}.{p}": {
+            "expert_offset": getattr(m, "expert_offset", 0),
+            "num_local": m.num_experts,
+            "num_experts": getattr(m, "num_global_experts", m.num_experts),
+            "ep_size": getattr(m, "ep_size", 1),
+        }
+        for n, m in _expert_modules(model).items()
+        for p in EXPERT_PARAM_NAMES
+    }

@@ -28,8 +28,9 @@ def _params(parameters) -> list[torch.Tensor]:
     return [p for p in parameters if p.grad is not None]
 
 
-def global_grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, norm_type: float = 2.0,
-                     ep_group=None) -> torch.Tensor:
+def global_grad_norm(
+    parameters: Iterable[torch.Tensor] | torch.Tensor, norm_type: float = 2.0, ep_group=None
+) -> torch.Tensor:
     """Norm of the whole model's (already data-parallel-reduced) gradient, the same on every rank.
 
     Expert parameters are those tagged by `apply_expert_parallel` (`p.allreduce is False`); their EP group
@@ -55,15 +56,21 @@ def global_grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, norm_typ
         local = part(grads)
         group = ep_group if ep_group is not None else group_for_name(name).ep_group
         if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(local, op=dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM,
-                            group=group)
+            dist.all_reduce(
+                local, op=dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM, group=group
+            )
         total = torch.maximum(total, local) if math.isinf(norm_type) else total + local
     norm = total if math.isinf(norm_type) else total ** (1.0 / norm_type)
     return norm.float()
 
 
-def clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float, norm_type: float = 2.0,
-                    ep_group=None, eps: float = 1e-6) -> torch.Tensor:
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor] | torch.Tensor,
+    max_norm: float,
+    norm_type: float = 2.0,
+    ep_group=None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """Scale every gradient by min(1, max_norm / (norm + eps)), like torch.nn.utils.clip_grad_norm_ but with
     the expert-parallel norm; returns the norm before clipping (identical on every rank)."""
     params = _params(parameters)

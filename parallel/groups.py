@@ -26,12 +26,16 @@ def check_expert_parallel(world_size: int, ep_size: int, num_experts: int | None
         raise ValueError(f"expert-parallel size must be a positive int, got {ep_size!r}")
     if world_size % ep_size:
         ok = [d for d in range(1, world_size + 1) if world_size % d == 0]
-        raise ValueError(f"expert-parallel size {ep_size} does not divide the world size {world_size}; "
-                         f"choose one of {ok}" + (f" that also divides num_experts={num_experts}" if num_experts else ""))
+        raise ValueError(
+            f"expert-parallel size {ep_size} does not divide the world size {world_size}; "
+            f"choose one of {ok}" + (f" that also divides num_experts={num_experts}" if num_experts else "")
+        )
     if num_experts is not None and num_experts % ep_size:
         ok = [d for d in range(1, num_experts + 1) if num_experts % d == 0 and world_size % d == 0]
-        raise ValueError(f"expert-parallel size {ep_size} does not divide num_experts={num_experts} "
-                         f"(each rank must hold a whole number of experts); choose one of {ok}")
+        raise ValueError(
+            f"expert-parallel size {ep_size} does not divide num_experts={num_experts} "
+            f"(each rank must hold a whole number of experts); choose one of {ok}"
+        )
 
 
 @dataclass(frozen=True)
@@ -119,13 +123,17 @@ class ProcessGroups:
 _REGISTRY: dict[int, ProcessGroups] = {}
 
 
-def init_process_groups(ep_size: int, num_experts: int | None = None, register_deepspeed: bool = False) -> ProcessGroups:
+def init_process_groups(
+    ep_size: int, num_experts: int | None = None, register_deepspeed: bool = False
+) -> ProcessGroups:
     """Create (once per ep_size) the EP and EDP groups on every rank; every rank must call this, in the same
     order. With register_deepspeed, the same group objects are also handed to `deepspeed.utils.groups` so
     a DeepSpeed engine reduces expert gradients over exactly these EDP groups."""
     if not dist.is_initialized():
-        raise RuntimeError("init_process_groups: torch.distributed is not initialized "
-                           "(call torch.distributed.init_process_group, or deepspeed.init_distributed, first)")
+        raise RuntimeError(
+            "init_process_groups: torch.distributed is not initialized "
+            "(call torch.distributed.init_process_group, or deepspeed.init_distributed, first)"
+        )
     world, rank = dist.get_world_size(), dist.get_rank()
     layout = GroupLayout(world, ep_size, num_experts)
     pg = _REGISTRY.get(ep_size)
@@ -137,11 +145,14 @@ def init_process_groups(ep_size: int, num_experts: int | None = None, register_d
                 if rank in ranks:
                     ep_group = g
         for ranks in layout.all_edp_groups():
-            g = dist.new_group(ranks)  # a group of its own even when it spans the world (DeepSpeed needs that)
+            g = dist.new_group(
+                ranks
+            )  # a group of its own even when it spans the world (DeepSpeed needs that)
             if rank in ranks:
                 edp_group = g
-        pg = ProcessGroups(layout, rank, ep_group, edp_group, None,
-                           layout.ep_group_ranks(rank), layout.edp_group_ranks(rank))
+        pg = ProcessGroups(
+            layout, rank, ep_group, edp_group, None, layout.ep_group_ranks(rank), layout.edp_group_ranks(rank)
+        )
         _REGISTRY[ep_size] = pg
     elif num_experts is not None:
         check_expert_parallel(world, ep_size, num_experts)
@@ -152,7 +163,9 @@ def init_process_groups(ep_size: int, num_experts: int | None = None, register_d
 
 def get_process_groups(ep_size: int) -> ProcessGroups:
     if ep_size not in _REGISTRY:
-        raise RuntimeError(f"no process groups for expert_parallel_size={ep_size}: call init_process_groups first")
+        raise RuntimeError(
+            f"no process groups for expert_parallel_size={ep_size}: call init_process_groups first"
+        )
     return _REGISTRY[ep_size]
 
 
@@ -182,14 +195,21 @@ def register_with_deepspeed(pg: ProcessGroups) -> None:
     ep_group = pg.ep_group if pg.ep_group is not None else _singleton_group(pg)
     edp_group = pg.edp_group
     for table, ranks_table, group, ranks in (
-            (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS, ep_group, pg.ep_ranks),
-            (ds_groups._EXPERT_DATA_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS, edp_group,
-             pg.edp_ranks)):
+        (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS, ep_group, pg.ep_ranks),
+        (
+            ds_groups._EXPERT_DATA_PARALLEL_GROUP,
+            ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+            edp_group,
+            pg.edp_ranks,
+        ),
+    ):
         if name in table:
             have = list(ranks_table[name])
             if have != list(ranks):
-                raise RuntimeError(f"DeepSpeed already has groups named {name} with ranks {have}, ours are "
-                                   f"{list(ranks)}: use the default (expert-before-data) DeepSpeed topology")
+                raise RuntimeError(
+                    f"DeepSpeed already has groups named {name} with ranks {have}, ours are "
+                    f"{list(ranks)}: use the default (expert-before-data) DeepSpeed topology"
+                )
             continue
         table[name] = group
         ranks_table[name] = list(ranks)

@@ -88,8 +88,12 @@ def layer_activation_units(cfg: JambaConfig) -> list[float]:
 
 
 def _checkpointed(mode: str, kind: str, moe: bool) -> bool:
-    return mode == "full" or (mode == "mamba" and kind == "mamba") or \
-        (mode == "attention" and kind == "attention") or (mode == "moe" and moe)
+    return (
+        mode == "full"
+        or (mode == "mamba" and kind == "mamba")
+        or (mode == "attention" and kind == "attention")
+        or (mode == "moe" and moe)
+    )
 
 
 def activation_bytes(cfg: JambaConfig, micro_batch: int, seq_len: int, mode: str, act_bytes: int) -> float:
@@ -130,9 +134,18 @@ class MemoryEstimate:
         return self.model_states + self.activations
 
 
-def estimate_memory(cfg: JambaConfig, counts: ParamCounts, world_size: int, ep: int, zero: int,
-                    micro_batch: int, seq_len: int, act_ckpt: str = "none", precision: str = "autocast",
-                    bucket_elems: float = 2e8) -> MemoryEstimate:
+def estimate_memory(
+    cfg: JambaConfig,
+    counts: ParamCounts,
+    world_size: int,
+    ep: int,
+    zero: int,
+    micro_batch: int,
+    seq_len: int,
+    act_ckpt: str = "none",
+    precision: str = "autocast",
+    bucket_elems: float = 2e8,
+) -> MemoryEstimate:
     edp = world_size // ep
     pb, ab = precision_bytes(precision)
     local_dense, local_expert = counts.dense, counts.expert // ep
@@ -146,7 +159,16 @@ def estimate_memory(cfg: JambaConfig, counts: ParamCounts, world_size: int, ep: 
     optimizer = 12 * maybe(zero >= 1)
     buckets = 2 * bucket_elems * pb if zero in (1, 2) else 0.0
     act = activation_bytes(cfg, micro_batch, seq_len, act_ckpt, ab)
-    return MemoryEstimate(weights, grads, optimizer, buckets, act,
-                          activation_bytes(cfg, micro_batch, seq_len, "none", ab),
-                          activation_bytes(cfg, micro_batch, seq_len, "full", ab),
-                          local_dense, local_expert, dense_shard, expert_shard)
+    return MemoryEstimate(
+        weights,
+        grads,
+        optimizer,
+        buckets,
+        act,
+        activation_bytes(cfg, micro_batch, seq_len, "none", ab),
+        activation_bytes(cfg, micro_batch, seq_len, "full", ab),
+        local_dense,
+        local_expert,
+        dense_shard,
+        expert_shard,
+    )

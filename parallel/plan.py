@@ -36,41 +36,70 @@ def _b(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
 
 
-def format_plan(cfg: JambaConfig, name: str, world_size: int, ep: int, zero: int, micro_batch: int, seq_len: int,
-                act_ckpt: str = "none", precision: str = "autocast", gpu_mem_gib: float = 80.0,
-                bucket_elems: float = 2e8, counts: ParamCounts | None = None) -> str:
+def format_plan(
+    cfg: JambaConfig,
+    name: str,
+    world_size: int,
+    ep: int,
+    zero: int,
+    micro_batch: int,
+    seq_len: int,
+    act_ckpt: str = "none",
+    precision: str = "autocast",
+    gpu_mem_gib: float = 80.0,
+    bucket_elems: float = 2e8,
+    counts: ParamCounts | None = None,
+) -> str:
     ParallelConfig(expert_parallel_size=ep, zero_stage=zero).check(world_size, cfg.num_experts)
     wb, _ = precision_bytes(precision)
     lay = GroupLayout(world_size, ep, cfg.num_experts)
     counts = counts or count_params(cfg)
     active = counts.dense + counts.expert * cfg.num_experts_per_tok // cfg.num_experts
     L = []
-    L.append(f"== plan: {name} on {world_size} GPUs, EP={ep}, ZeRO-{zero}, {precision}, micro-batch {micro_batch} "
-             f"x seq {seq_len}, activation checkpointing '{act_ckpt}'")
-    L.append(f"model: {counts.total / 1e9:.2f}B parameters ({active / 1e9:.2f}B active per token): "
-             f"dense {_b(counts.dense)}, experts {_b(counts.expert)} in {counts.moe_layers} MoE layers x "
-             f"{cfg.num_experts} experts (top-{cfg.num_experts_per_tok}), "
-             f"{_b(counts.expert / max(1, counts.moe_layers * cfg.num_experts))} per expert")
+    L.append(
+        f"== plan: {name} on {world_size} GPUs, EP={ep}, ZeRO-{zero}, {precision}, micro-batch {micro_batch} "
+        f"x seq {seq_len}, activation checkpointing '{act_ckpt}'"
+    )
+    L.append(
+        f"model: {counts.total / 1e9:.2f}B parameters ({active / 1e9:.2f}B active per token): "
+        f"dense {_b(counts.dense)}, experts {_b(counts.expert)} in {counts.moe_layers} MoE layers x "
+        f"{cfg.num_experts} experts (top-{cfg.num_experts_per_tok}), "
+        f"{_b(counts.expert / max(1, counts.moe_layers * cfg.num_experts))} per expert"
+    )
     L.append("groups:")
     L.append(f"  data parallel (dense params): all {world_size} ranks")
-    L.append(f"  expert parallel  ({world_size // ep} x {ep} ranks, tokens all-to-all): {_fmt_groups(lay.all_ep_groups())}")
-    L.append(f"  expert data par. ({ep} x {lay.edp_size} ranks, expert grads reduced): {_fmt_groups(lay.all_edp_groups())}")
+    L.append(
+        f"  expert parallel  ({world_size // ep} x {ep} ranks, tokens all-to-all): {_fmt_groups(lay.all_ep_groups())}"
+    )
+    L.append(
+        f"  expert data par. ({ep} x {lay.edp_size} ranks, expert grads reduced): {_fmt_groups(lay.all_edp_groups())}"
+    )
     L.append(f"experts per rank: {lay.experts_per_rank()} of {cfg.num_experts} in each MoE layer")
     rows = list(range(ep)) if ep <= 8 else [0, 1, ep - 1]
     for j in rows:
         ranks = lay.all_edp_groups()[j]
-        r = "ranks " + (",".join(map(str, ranks)) if len(ranks) <= 4 else f"{ranks[0]},{ranks[1]},...,{ranks[-1]}")
+        r = "ranks " + (
+            ",".join(map(str, ranks)) if len(ranks) <= 4 else f"{ranks[0]},{ranks[1]},...,{ranks[-1]}"
+        )
         ex = lay.local_experts(j)
         L.append(f"  ep_rank {j:>2} ({r}): experts {ex.start}..{ex.stop - 1}")
     if ep > 8:
         L.append(f"  ... ({ep} EP ranks)")
-    est = estimate_memory(cfg, counts, world_size, ep, zero, micro_batch, seq_len, act_ckpt, precision, bucket_elems)
-    part = {0: "nothing", 1: "optimizer states", 2: "optimizer states + gradients",
-            3: "optimizer states + gradients + weights"}[zero]
+    est = estimate_memory(
+        cfg, counts, world_size, ep, zero, micro_batch, seq_len, act_ckpt, precision, bucket_elems
+    )
+    part = {
+        0: "nothing",
+        1: "optimizer states",
+        2: "optimizer states + gradients",
+        3: "optimizer states + gradients + weights",
+    }[zero]
     L.append(f"ZeRO-{zero} partitions {part}:")
     L.append(f"  dense  {_b(counts.dense)} over DP={world_size} -> {_b(est.dense_shard)} per rank")
-    L.append(f"  expert {_b(est.local_expert)} per rank (1/{ep} of all experts) over EDP={lay.edp_size} "
-             f"-> {_b(est.expert_shard)} per rank")
+    L.append(
+        f"  expert {_b(est.local_expert)} per rank (1/{ep} of all experts) over EDP={lay.edp_size} "
+        f"-> {_b(est.expert_shard)} per rank"
+    )
     L.append(f"estimated memory per GPU (GiB; {_b(est.local_dense + est.local_expert)} parameters held):")
 
     def row(label: str, nbytes: float, note: str = "") -> None:
@@ -82,8 +111,11 @@ def format_plan(cfg: JambaConfig, name: str, world_size: int, ep: int, zero: int
     if est.buckets:
         row("ZeRO buckets", est.buckets, f"reduce + all-gather, {bucket_elems:.0e} elements each")
     row("= model states", est.model_states)
-    row(f"activations (ckpt '{act_ckpt}')", est.activations,
-        f"micro-batch {micro_batch} x {seq_len} tokens, balanced routing")
+    row(
+        f"activations (ckpt '{act_ckpt}')",
+        est.activations,
+        f"micro-batch {micro_batch} x {seq_len} tokens, balanced routing",
+    )
     row("= total", est.total, f"of {gpu_mem_gib:.0f} GiB")
     row("  total with no checkpointing", est.model_states + est.activations_none)
     row("  total with full checkpointing", est.model_states + est.activations_full)
@@ -100,8 +132,10 @@ def format_plan(cfg: JambaConfig, name: str, world_size: int, ep: int, zero: int
             hints.append("more GPUs (EDP=1: expert optimizer states are not partitioned at all)")
         if ep * 2 <= min(world_size, cfg.num_experts) and world_size % (ep * 2) == 0:
             hints.append(f"--ep {ep * 2}")
-        L.append(f"verdict: does NOT fit ({est.total / GiB:.1f} > 90% of {gpu_mem_gib:.0f} GiB); try: "
-                 + ("; ".join(hints) if hints else "more GPUs or a smaller micro-batch"))
+        L.append(
+            f"verdict: does NOT fit ({est.total / GiB:.1f} > 90% of {gpu_mem_gib:.0f} GiB); try: "
+            + ("; ".join(hints) if hints else "more GPUs or a smaller micro-batch")
+        )
     return "\n".join(L)
 
 
@@ -114,15 +148,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--act-ckpt", default="none", choices=CHECKPOINT_CHOICES)
-    ap.add_argument("--precision", default="autocast", choices=PRECISIONS,
-                    help="autocast: fp32 weights, bf16 matmuls (train/zero.py); bf16: DeepSpeed bf16 module")
+    ap.add_argument(
+        "--precision",
+        default="autocast",
+        choices=PRECISIONS,
+        help="autocast: fp32 weights, bf16 matmuls (train/zero.py); bf16: DeepSpeed bf16 module",
+    )
     ap.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (H100 80)")
-    ap.add_argument("--bucket-elems", type=float, default=2e8, help="ZeRO reduce/all-gather bucket (elements)")
+    ap.add_argument(
+        "--bucket-elems", type=float, default=2e8, help="ZeRO reduce/all-gather bucket (elements)"
+    )
     a = ap.parse_args(argv)
     try:
         cfg = get_preset(a.model)
-        print(format_plan(cfg, a.model, a.world_size, a.ep, a.zero, a.micro_batch, a.seq_len, a.act_ckpt,
-                          a.precision, a.gpu_mem, a.bucket_elems))
+        print(
+            format_plan(
+                cfg,
+                a.model,
+                a.world_size,
+                a.ep,
+                a.zero,
+                a.micro_batch,
+                a.seq_len,
+                a.act_ckpt,
+                a.precision,
+                a.gpu_mem,
+                a.bucket_elems,
+            )
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

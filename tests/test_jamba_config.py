@@ -12,18 +12,21 @@ def test_defaults_match_transformers_layout():
     assert cfg.layers_is_moe[1] and not cfg.layers_is_moe[0]
 
 
-@pytest.mark.parametrize("changes,field", [
-    (dict(attn_layer_offset=8), "attn_layer_offset"),
-    (dict(expert_layer_offset=2), "expert_layer_offset"),
-    (dict(num_attention_heads=3), "num_attention_heads"),
-    (dict(num_key_value_heads=5), "num_key_value_heads"),
-    (dict(num_experts_per_tok=17), "num_experts_per_tok"),
-    (dict(hidden_size=0), "hidden_size"),
-    (dict(activation_checkpointing="sometimes"), "activation_checkpointing"),
-    (dict(layer_pattern="MMX"), "layer_pattern"),
-    (dict(layer_pattern="MM"), "layer_pattern"),
-    (dict(mamba_dt_rank=-1), "mamba_dt_rank"),
-])
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        (dict(attn_layer_offset=8), "attn_layer_offset"),
+        (dict(expert_layer_offset=2), "expert_layer_offset"),
+        (dict(num_attention_heads=3), "num_attention_heads"),
+        (dict(num_key_value_heads=5), "num_key_value_heads"),
+        (dict(num_experts_per_tok=17), "num_experts_per_tok"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(activation_checkpointing="sometimes"), "activation_checkpointing"),
+        (dict(layer_pattern="MMX"), "layer_pattern"),
+        (dict(layer_pattern="MM"), "layer_pattern"),
+        (dict(mamba_dt_rank=-1), "mamba_dt_rank"),
+    ],
+)
 def test_invalid_configs_name_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
         JambaConfig(**changes)
@@ -35,8 +38,9 @@ def test_pattern_roundtrip():
     cfg = JambaConfig(num_hidden_layers=8, layer_pattern="M ME M ME | *E M ME M")
     assert cfg.layers_block_type == ["mamba"] * 4 + ["attention"] + ["mamba"] * 3
     assert cfg.layers_is_moe == [False, True, False, True, True, False, True, False]
-    assert periods_from_pattern(p) == dict(attn_layer_period=8, attn_layer_offset=4, expert_layer_period=2,
-                                           expert_layer_offset=1, has_moe=True)
+    assert periods_from_pattern(p) == dict(
+        attn_layer_period=8, attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1, has_moe=True
+    )
     assert periods_from_pattern("M*M*MM") is None  # not periodic
     assert parse_pattern("*E") == [("*", True)]
 

@@ -7,9 +7,19 @@ from jamba.presets import PRESETS
 
 
 def tiny(**kw) -> JambaConfig:
-    base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, attn_layer_period=4,
-                attn_layer_offset=2, mamba_d_state=8)
+    base = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        attn_layer_period=4,
+        attn_layer_offset=2,
+        mamba_d_state=8,
+    )
     return JambaConfig(**{**base, **kw})
 
 
@@ -19,20 +29,27 @@ def module_counts(cfg: JambaConfig, device: str = "cpu") -> tuple[int, int, list
         m = JambaForCausalLM(cfg, init=False)
     total = sum(p.numel() for p in m.parameters())  # a tied weight is yielded once
     per_layer = [sum(p.numel() for p in layer.parameters()) for layer in m.model.layers]
-    inactive = sum((cfg.num_experts - cfg.num_experts_per_tok) * layer.feed_forward.experts.gate_up_proj[0].numel()
-                   + (cfg.num_experts - cfg.num_experts_per_tok) * layer.feed_forward.experts.down_proj[0].numel()
-                   for layer in m.model.layers if layer.is_moe)
+    inactive = sum(
+        (cfg.num_experts - cfg.num_experts_per_tok) * layer.feed_forward.experts.gate_up_proj[0].numel()
+        + (cfg.num_experts - cfg.num_experts_per_tok) * layer.feed_forward.experts.down_proj[0].numel()
+        for layer in m.model.layers
+        if layer.is_moe
+    )
     return total, total - inactive, per_layer
 
 
-@pytest.mark.parametrize("cfg", [
-    tiny(),
-    tiny(tie_word_embeddings=True),
-    tiny(mamba_proj_bias=True, mamba_conv_bias=False, mamba_dt_rank=5, mamba_expand=3, mamba_d_conv=3),
-    tiny(num_experts=1, num_experts_per_tok=1),
-    tiny(num_hidden_layers=5, layer_pattern="*E M ME *E M", num_experts=8, num_experts_per_tok=1),
-    get_preset("debug"),
-], ids=["untied", "tied", "mamba_biases", "dense", "pattern", "debug"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        tiny(),
+        tiny(tie_word_embeddings=True),
+        tiny(mamba_proj_bias=True, mamba_conv_bias=False, mamba_dt_rank=5, mamba_expand=3, mamba_d_conv=3),
+        tiny(num_experts=1, num_experts_per_tok=1),
+        tiny(num_hidden_layers=5, layer_pattern="*E M ME *E M", num_experts=8, num_experts_per_tok=1),
+        get_preset("debug"),
+    ],
+    ids=["untied", "tied", "mamba_biases", "dense", "pattern", "debug"],
+)
 def test_counts_equal_built_module(cfg):
     c = count_params(cfg)
     total, active, per_layer = module_counts(cfg)
@@ -46,23 +63,41 @@ def test_counts_equal_built_module(cfg):
 
 def test_hand_count_of_one_small_config():
     # vocab 100, hidden 16, ffn 24, 2 layers: 0 = Mamba + dense MLP, 1 = attention + MoE (4 experts, top-2).
-    cfg = JambaConfig(vocab_size=100, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
-                      expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
-                      mamba_d_state=4, mamba_d_conv=4, mamba_expand=2)  # dt_rank = ceil(16 / 16) = 1, d_inner 32
+    cfg = JambaConfig(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mamba_d_state=4,
+        mamba_d_conv=4,
+        mamba_expand=2,
+    )  # dt_rank = ceil(16 / 16) = 1, d_inner 32
     embed = 100 * 16
-    mamba = (16 * 64          # in_proj [2 * 32, 16]
-             + 32 * 1 * 4     # conv1d.weight [32, 1, 4]
-             + 32             # conv1d.bias
-             + (1 + 2 * 4) * 32  # x_proj [dt_rank + 2 * d_state, 32]
-             + 32 * 1 + 32    # dt_proj weight [32, 1] + bias
-             + 32 * 4         # A_log [32, 4]
-             + 32             # D
-             + 16 * 32        # out_proj [16, 32]
-             + 1 + 4 + 4)     # dt / b / c layernorms
+    mamba = (
+        16 * 64  # in_proj [2 * 32, 16]
+        + 32 * 1 * 4  # conv1d.weight [32, 1, 4]
+        + 32  # conv1d.bias
+        + (1 + 2 * 4) * 32  # x_proj [dt_rank + 2 * d_state, 32]
+        + 32 * 1
+        + 32  # dt_proj weight [32, 1] + bias
+        + 32 * 4  # A_log [32, 4]
+        + 32  # D
+        + 16 * 32  # out_proj [16, 32]
+        + 1
+        + 4
+        + 4
+    )  # dt / b / c layernorms
     assert mamba == 2217
     mlp = 24 * 16 + 24 * 16 + 16 * 24  # gate, up, down
-    layer0 = mamba + mlp + 16 + 16     # + input_layernorm + pre_ff_layernorm
+    layer0 = mamba + mlp + 16 + 16  # + input_layernorm + pre_ff_layernorm
     attn = 16 * 16 + 8 * 16 + 8 * 16 + 16 * 16  # q, k, v (2 KV heads of 4), o
     router = 4 * 16
     experts = 4 * (2 * 24) * 16 + 4 * 16 * 24  # gate_up_proj [4, 48, 16], down_proj [4, 16, 24]
@@ -79,9 +114,18 @@ def test_hand_count_of_one_small_config():
     assert module_counts(cfg)[:2] == (12089, 9785)
 
     # FLOPs per token at seq_len 10, training (x3).
-    matmul_params = (100 * 16                               # lm_head
-                     + 16 * 64 + 32 * 4 + 9 * 32 + 32 + 16 * 32  # Mamba in, conv, x, dt, out
-                     + mlp + attn + router + 2 * (48 * 16 + 16 * 24))
+    matmul_params = (
+        100 * 16  # lm_head
+        + 16 * 64
+        + 32 * 4
+        + 9 * 32
+        + 32
+        + 16 * 32  # Mamba in, conv, x, dt, out
+        + mlp
+        + attn
+        + router
+        + 2 * (48 * 16 + 16 * 24)
+    )
     f = flops_per_token(cfg, seq_len=10)
     assert f["matmul_params"] == matmul_params == 7872
     assert f["matmul"] == 3 * 2 * 7872
@@ -113,7 +157,8 @@ def test_mfu():
 def test_bench_preset_is_2_47b():
     c = count_params(get_preset("bench"))
     assert c["total"] == pytest.approx(2.47e9, abs=0.01e9), (
-        f"bench preset has {c['total'] / 1e9:.4f}B parameters, not 2.47B: benchmark figures stop comparing")
+        f"bench preset has {c['total'] / 1e9:.4f}B parameters, not 2.47B: benchmark figures stop comparing"
+    )
 
 
 def test_jamba_v01_is_52b_total_12b_active():

@@ -32,8 +32,17 @@ VOCAB = 101
 
 
 def tiny(**kw) -> JambaConfig:
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, mamba_d_state=8)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mamba_d_state=8,
+    )
     return JambaConfig(**{**base, **kw})
 
 
@@ -43,13 +52,29 @@ CONFIGS = {
     # written as a pattern: exported as attention period 3 / offset 2, never reached
     "mamba_only": tiny(num_hidden_layers=2, layer_pattern="MM", num_experts=1),
     # the paper's block: 1 attention : 7 Mamba, MoE every other layer (4 MoE layers)
-    "hybrid_1to7_moe": tiny(num_hidden_layers=8, attn_layer_period=8, attn_layer_offset=4,
-                            expert_layer_period=2, expert_layer_offset=1),
+    "hybrid_1to7_moe": tiny(
+        num_hidden_layers=8,
+        attn_layer_period=8,
+        attn_layer_offset=4,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+    ),
     # attention at 1, experts at 2 only: exactly one MoE layer
-    "offsets": tiny(num_hidden_layers=4, attn_layer_period=4, attn_layer_offset=1,
-                    expert_layer_period=3, expert_layer_offset=2),
-    "tied": tiny(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-                 expert_layer_offset=0, tie_word_embeddings=True),
+    "offsets": tiny(
+        num_hidden_layers=4,
+        attn_layer_period=4,
+        attn_layer_offset=1,
+        expert_layer_period=3,
+        expert_layer_offset=2,
+    ),
+    "tied": tiny(
+        num_hidden_layers=4,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=0,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -73,7 +98,9 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def hf_model(cfg: JambaConfig, seed: int = 0):
-    hc = transformers.JambaConfig.from_dict(config_to_hf(cfg, use_mamba_kernels=False), attn_implementation="eager")
+    hc = transformers.JambaConfig.from_dict(
+        config_to_hf(cfg, use_mamba_kernels=False), attn_implementation="eager"
+    )
     m = transformers.JambaForCausalLM(hc).eval()
     randomize(m, seed)
     return m
@@ -193,7 +220,9 @@ def test_export_cli(tmp_path):
     tag = tmp_path / "ds" / "global_step7"
     tag.mkdir(parents=True)
     (tmp_path / "ds" / "latest").write_text("global_step7\n")
-    save_file({k: v.contiguous() for k, v in to_hf_state_dict(ours).items()}, str(tag / "model_state.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in to_hf_state_dict(ours).items()}, str(tag / "model_state.safetensors")
+    )
     (tag / "model_config.json").write_text(json.dumps(cfg.to_dict()))
     assert export_main([str(tmp_path / "ds"), str(tmp_path / "out_ds"), "--dtype", "bfloat16"]) == 0
     sd = read_safetensors_dir(tmp_path / "out_ds")
@@ -224,8 +253,9 @@ def test_export_cli_errors(tmp_path, capsys):
     assert export_main([str(tmp_path / "bad"), str(tmp_path / "o")]) == 2
     assert "model.layers.1.self_attn.q_proj.weight expected [64, 64] got [3, 3]" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    help_text = subprocess.run([sys.executable, "-m", "jamba.export", "--help"], capture_output=True, text=True,
-                               check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "jamba.export", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "checkpoint" in help_text and "output_dir" in help_text and "--dtype" in help_text
 
 
@@ -236,7 +266,9 @@ def test_bad_state_dicts_name_the_tensor():
 
     sd = dict(good)
     del sd["model.layers.2.feed_forward.experts.down_proj"]
-    with pytest.raises(ValueError, match=r"missing \(1\): model\.layers\.2\.feed_forward\.experts\.down_proj \[4, 64, 96\]"):
+    with pytest.raises(
+        ValueError, match=r"missing \(1\): model\.layers\.2\.feed_forward\.experts\.down_proj \[4, 64, 96\]"
+    ):
         load_hf_state_dict(m, sd)
 
     sd = {**good, "model.layers.0.mamba.extra.weight": torch.zeros(3)}
@@ -244,7 +276,9 @@ def test_bad_state_dicts_name_the_tensor():
         load_hf_state_dict(m, sd)
 
     sd = {**good, "model.layers.1.self_attn.k_proj.weight": torch.zeros(64, 64)}
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight expected \[32, 64\] got \[64, 64\]"):
+    with pytest.raises(
+        ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight expected \[32, 64\] got \[64, 64\]"
+    ):
         load_hf_state_dict(m, sd)
 
     # All problems at once, in one error.
@@ -293,10 +327,21 @@ def test_config_conversion():
         config_from_hf({"mystery_knob": 1})
     assert config_from_hf({"mystery_knob": 1}, ignore_unknown=True) == JambaConfig()
     # Keys of the hub's Jamba-v0.1 config.json (remote-code era included) that do not affect the weights.
-    hub = config_from_hf({"num_local_experts": 8, "use_mamba_kernels": True, "torch_dtype": "bfloat16",
-                          "use_cache": False, "sliding_window": None, "num_logits_to_keep": 1, "n_ctx": 1024,
-                          "calc_logits_for_entire_prompt": False, "mamba_inner_layernorms": True,
-                          "auto_map": {}, "transformers_version": "4.40.0.dev0"})
+    hub = config_from_hf(
+        {
+            "num_local_experts": 8,
+            "use_mamba_kernels": True,
+            "torch_dtype": "bfloat16",
+            "use_cache": False,
+            "sliding_window": None,
+            "num_logits_to_keep": 1,
+            "n_ctx": 1024,
+            "calc_logits_for_entire_prompt": False,
+            "mamba_inner_layernorms": True,
+            "auto_map": {},
+            "transformers_version": "4.40.0.dev0",
+        }
+    )
     assert (hub.num_experts, hub.max_position_embeddings) == (8, 1024)
     with pytest.raises(ValueError, match="mamba_inner_layernorms"):
         config_from_hf({"mamba_inner_layernorms": False})

@@ -25,28 +25,61 @@ from launch.slurm import SlurmOptions, render_sbatch
 
 PY = "/venv/bin/python"
 HOSTS = parse_hostfile("node-001 slots=8\nnode-002 slots=8\n")
-CALLER_ENV = {"NCCL_IB_HCA": "mlx5", "NCCL_DEBUG": "WARN", "WANDB_API_KEY": "secret", "WANDB_PROJECT": "p",
-              "HOME": "/root", "PATH": "/bin"}
+CALLER_ENV = {
+    "NCCL_IB_HCA": "mlx5",
+    "NCCL_DEBUG": "WARN",
+    "WANDB_API_KEY": "secret",
+    "WANDB_PROJECT": "p",
+    "HOME": "/root",
+    "PATH": "/bin",
+}
 
 
 def spec(**kw) -> LaunchSpec:
-    return LaunchSpec(**{"hosts": HOSTS, "overrides": ["model=bench", "trainer.max_steps=10"], "python": PY,
-                         "workdir": "/repo", **kw})
+    return LaunchSpec(
+        **{
+            "hosts": HOSTS,
+            "overrides": ["model=bench", "trainer.max_steps=10"],
+            "python": PY,
+            "workdir": "/repo",
+            **kw,
+        }
+    )
 
 
 def test_launch_env_defaults_passthrough_and_no_secrets():
     env = launch_env(spec(wandb_mode="offline", env={"NCCL_DEBUG": "INFO"}), CALLER_ENV)
-    assert env == {"NCCL_NVLS_ENABLE": "0", "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", "NCCL_IB_HCA": "mlx5",
-                   "NCCL_DEBUG": "INFO", "WANDB_PROJECT": "p", "WANDB_MODE": "offline"}
+    assert env == {
+        "NCCL_NVLS_ENABLE": "0",
+        "PYTHONUNBUFFERED": "1",
+        "HYDRA_FULL_ERROR": "1",
+        "NCCL_IB_HCA": "mlx5",
+        "NCCL_DEBUG": "INFO",
+        "WANDB_PROJECT": "p",
+        "WANDB_MODE": "offline",
+    }
     assert "WANDB_API_KEY" not in env  # never written to an env file or a command line
 
 
 def test_deepspeed_pdsh_two_nodes():
     s = spec(wandb_mode="disabled")
     assert deepspeed_command(s, "/repo/hosts") == [
-        PY, "-m", "deepspeed.launcher.runner", "--hostfile", "/repo/hosts", "--master_addr", "node-001",
-        "--master_port", "29500", "--launcher", "pdsh", "launch/entry.py", "model=bench", "trainer.max_steps=10",
-        "logging.wandb.mode=disabled"]
+        PY,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        "/repo/hosts",
+        "--master_addr",
+        "node-001",
+        "--master_port",
+        "29500",
+        "--launcher",
+        "pdsh",
+        "launch/entry.py",
+        "model=bench",
+        "trainer.max_steps=10",
+        "logging.wandb.mode=disabled",
+    ]
     exports = deepspeed_exports(s, CALLER_ENV)
     assert exports["MASTER_ADDR"] == "node-001" and exports["MASTER_PORT"] == "29500"
     assert exports["NCCL_NVLS_ENABLE"] == "0" and exports["NCCL_IB_HCA"] == "mlx5"
@@ -77,12 +110,27 @@ def test_torchrun_one_command_per_node():
     nodes = torchrun_commands(spec(), CALLER_ENV)
     assert [n.host for n in nodes] == ["node-001", "node-002"]
     for rank, n in enumerate(nodes):
-        assert n.argv == [PY, "-m", "torch.distributed.run", "--nproc_per_node=8", "--nnodes=2",
-                          f"--node_rank={rank}", "--master_addr=node-001", "--master_port=29500", "-m", "train",
-                          "model=bench", "trainer.max_steps=10"]
+        assert n.argv == [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=8",
+            "--nnodes=2",
+            f"--node_rank={rank}",
+            "--master_addr=node-001",
+            "--master_port=29500",
+            "-m",
+            "train",
+            "model=bench",
+            "trainer.max_steps=10",
+        ]
         ssh = n.ssh("/repo")
         assert ssh[:3] == ["ssh", "-o", "BatchMode=yes"] and ssh[3] == n.host
-        assert ssh[4].startswith("cd /repo && env ") and "NCCL_NVLS_ENABLE=0" in ssh[4] and "secret" not in ssh[4]
+        assert (
+            ssh[4].startswith("cd /repo && env ")
+            and "NCCL_NVLS_ENABLE=0" in ssh[4]
+            and "secret" not in ssh[4]
+        )
     local = torchrun_commands(spec(hosts=[Host("localhost", 2)]))
     assert "--standalone" in local[0].argv and local[0].ssh("/repo")[0] == "bash"
     with pytest.raises(ValueError, match="torchrun needs the same slots"):
@@ -97,7 +145,9 @@ def test_overrides_must_come_after_double_dash():
 @pytest.mark.parametrize("mode", ["torchrun", "deepspeed"])
 def test_slurm_script(mode):
     opts = SlurmOptions(nodes=2, gpus_per_node=8, mode=mode, partition="gpu", time="01:00:00")
-    script = render_sbatch(spec(ds_launcher="slurm", overrides=["model.layer_pattern=MM*M"]), opts, CALLER_ENV)
+    script = render_sbatch(
+        spec(ds_launcher="slurm", overrides=["model.layer_pattern=MM*M"]), opts, CALLER_ENV
+    )
     assert "#SBATCH --nodes=2\n" in script and "#SBATCH --gpus-per-node=8\n" in script
     assert "#SBATCH --partition=gpu\n" in script and "#SBATCH --signal=TERM@120\n" in script
     assert "export NCCL_NVLS_ENABLE=0\n" in script and "export NCCL_IB_HCA=mlx5\n" in script
@@ -123,11 +173,27 @@ def test_srun_command_expands_slurm_variables():
 def test_run_cli_dry_run(tmp_path, capsys):
     hosts = tmp_path / "hosts"
     hosts.write_text("node-001 slots=8\nnode-002 slots=8\n")
-    for launcher, expect in [("deepspeed", "--launcher openmpi launch/entry.py model=bench"),
-                             ("torchrun", "--node_rank=1"), ("slurm", "sbatch ")]:
-        rc = launch_run.main(["--hostfile", str(hosts), "--launcher", launcher, "--ds-launcher", "openmpi",
-                              "--launch-dir", str(tmp_path / "l"), "--env", "NCCL_DEBUG=INFO", "--dry-run",
-                              "model=bench"])
+    for launcher, expect in [
+        ("deepspeed", "--launcher openmpi launch/entry.py model=bench"),
+        ("torchrun", "--node_rank=1"),
+        ("slurm", "sbatch "),
+    ]:
+        rc = launch_run.main(
+            [
+                "--hostfile",
+                str(hosts),
+                "--launcher",
+                launcher,
+                "--ds-launcher",
+                "openmpi",
+                "--launch-dir",
+                str(tmp_path / "l"),
+                "--env",
+                "NCCL_DEBUG=INFO",
+                "--dry-run",
+                "model=bench",
+            ]
+        )
         out = capsys.readouterr().out
         assert rc == 0 and expect in out and "NCCL_DEBUG=INFO" in out
     assert not (tmp_path / "l").exists()  # a dry run writes nothing
@@ -137,8 +203,14 @@ def test_run_cli_dry_run(tmp_path, capsys):
 
 def test_entry_maps_launcher_variables():
     assert torch_env({"RANK": "3", "OMPI_COMM_WORLD_RANK": "1"}) == {}  # torchrun / pdsh already set it
-    ompi = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "5",
-            "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "MASTER_ADDR": "node-001"}
+    ompi = {
+        "OMPI_COMM_WORLD_RANK": "5",
+        "OMPI_COMM_WORLD_SIZE": "16",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "5",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+        "MASTER_ADDR": "node-001",
+    }
     assert torch_env(ompi) == {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "5"}
     srun = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "MASTER_ADDR": "n"}
     assert torch_env(srun) == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1"}
@@ -149,7 +221,12 @@ def test_entry_maps_launcher_variables():
 def test_entry_runs_train_as_main(tmp_path):
     """launch/entry.py is a script (the deepspeed runner's slurm backend cannot run -m): it reaches
     train's Hydra entry point with the arguments."""
-    out = subprocess.run([sys.executable, "launch/entry.py", "--local_rank=0", "trainer.max_steps=3", "--cfg", "job"],
-                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    out = subprocess.run(
+        [sys.executable, "launch/entry.py", "--local_rank=0", "trainer.max_steps=3", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "max_steps: 3" in out.stdout

@@ -27,9 +27,28 @@ def test_deepspeed_launcher_trains_two_processes(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("localhost slots=2\n")
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch.run", "--hostfile", str(hostfile), "--launcher", "deepspeed",
-           "--master-port", str(_free_port()), "--launch-dir", str(tmp_path / "launch"), "--timeout", "240",
-           "--env", "JAMBA_LAUNCH_TEST=1", "--", f"run_dir={run_dir}", "run_name=ds", *TINY, "trainer.max_steps=3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.run",
+        "--hostfile",
+        str(hostfile),
+        "--launcher",
+        "deepspeed",
+        "--master-port",
+        str(_free_port()),
+        "--launch-dir",
+        str(tmp_path / "launch"),
+        "--timeout",
+        "240",
+        "--env",
+        "JAMBA_LAUNCH_TEST=1",
+        "--",
+        f"run_dir={run_dir}",
+        "run_name=ds",
+        *TINY,
+        "trainer.max_steps=3",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "NCCL_DEBUG": "WARN"}
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     out = p.stdout + p.stderr

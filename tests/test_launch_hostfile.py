@@ -10,13 +10,19 @@ def test_parses_hosts_in_order_ignoring_comments():
     assert parse_hostfile(text) == [Host("node-001", 8), Host("node-002", 8), Host("10.0.0.3", 4)]
 
 
-@pytest.mark.parametrize("text, match", [
-    ("node-001 slots=8\nnode-002 8\n", r"hosts:2: cannot parse 'node-002 8'"),
-    ("node-001 slots=0\n", r"hosts:1: slots must be a positive integer"),
-    ("node-001 slots=x\n", r"slots must be a positive integer, got 'x'"),
-    ("node-001 slots=8\nnode-001 slots=8\n", r"hosts:2: host 'node-001' is listed again \(first on line 1\)"),
-    ("# nothing\n\n", r"no hosts"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("node-001 slots=8\nnode-002 8\n", r"hosts:2: cannot parse 'node-002 8'"),
+        ("node-001 slots=0\n", r"hosts:1: slots must be a positive integer"),
+        ("node-001 slots=x\n", r"slots must be a positive integer, got 'x'"),
+        (
+            "node-001 slots=8\nnode-001 slots=8\n",
+            r"hosts:2: host 'node-001' is listed again \(first on line 1\)",
+        ),
+        ("# nothing\n\n", r"no hosts"),
+    ],
+)
 def test_errors_name_the_line_and_the_fix(text, match):
     with pytest.raises(HostfileError, match=match):
         parse_hostfile(text, "hosts")

@@ -23,7 +23,9 @@ def test_layer_patterns_over_the_debug_depth():
     assert sweep.layer_pattern(8, "mamba", False) == "MMMMMMMM"
     assert sweep.layer_pattern(8, "1:3", False) == "MM*MMM*M"
     assert sweep.layer_pattern(8, "1:7", True) == "MMEMME*MEMME"
-    assert sweep.layer_pattern(8, "1:7", True) == pattern_from_periods(8, 8, 4, 2, 1)  # the paper's Jamba block
+    assert sweep.layer_pattern(8, "1:7", True) == pattern_from_periods(
+        8, 8, 4, 2, 1
+    )  # the paper's Jamba block
     assert sweep.layer_pattern(4, "attn", True) == "**E**E"
     with pytest.raises(LaunchError, match="needs at least 10 layers"):
         sweep.layer_pattern(8, "1:9", False)
@@ -32,15 +34,39 @@ def test_layer_patterns_over_the_debug_depth():
 
 
 def test_plan_is_the_same_run_but_for_the_layout(tmp_path, capsys):
-    assert sweep.main(["--name", "p", "--root", str(tmp_path), "--dry-run", "--ratios", "attn,1:7",
-                       "--axis", "model.use_rope=false,true"]) == 0
+    assert (
+        sweep.main(
+            [
+                "--name",
+                "p",
+                "--root",
+                str(tmp_path),
+                "--dry-run",
+                "--ratios",
+                "attn,1:7",
+                "--axis",
+                "model.use_rope=false,true",
+            ]
+        )
+        == 0
+    )
     assert "8 runs" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "sweep-p" / "sweep.json").read_text())
     names = [v["name"] for v in manifest["variants"]]
-    assert names[:4] == ["attn-moe-use_rope-false", "attn-moe-use_rope-true", "attn-dense-use_rope-false",
-                         "attn-dense-use_rope-true"]
-    varying = {"model.layer_pattern", "model.num_experts", "model.use_rope", "run_name", "run_dir",
-               "logging.wandb.tags"}
+    assert names[:4] == [
+        "attn-moe-use_rope-false",
+        "attn-moe-use_rope-true",
+        "attn-dense-use_rope-false",
+        "attn-dense-use_rope-true",
+    ]
+    varying = {
+        "model.layer_pattern",
+        "model.num_experts",
+        "model.use_rope",
+        "run_name",
+        "run_dir",
+        "logging.wandb.tags",
+    }
     shared = [{o for o in v["overrides"] if o.split("=")[0] not in varying} for v in manifest["variants"]]
     assert all(s == shared[0] for s in shared)  # same preset, steps, seeds, data, group
     assert {"model=debug", "+experiment=ablation-debug", "logging.wandb.group=p", "resume=auto"} <= shared[0]
@@ -81,7 +107,12 @@ def tiny_sweep(tmp_path_factory):
         log = root / "sweep-t" / "attn-dense" / "console.log"
         size = log.stat().st_size
         rc3 = sweep.main([*args, "--ratios", "attn,1:3", "--", *EXTRA])
-    return {"root": root / "sweep-t", "rc": (rc1, rc2, rc3), "status1": status1, "log_grew": log.stat().st_size - size}
+    return {
+        "root": root / "sweep-t",
+        "rc": (rc1, rc2, rc3),
+        "status1": status1,
+        "log_grew": log.stat().st_size - size,
+    }
 
 
 @pytest.mark.distributed
@@ -104,8 +135,12 @@ def test_sweep_interrupt_resume_skip(tiny_sweep):
 @pytest.mark.timeout(400)
 def test_report_table_plot_probe(tiny_sweep, tmp_path):
     md, png = tmp_path / "report.md", tmp_path / "loss.png"
-    assert report.main([str(tiny_sweep["root"]), "-o", str(md), "--plot", str(png), "--pairs", "2,4",
-                        "--prompts", "10"]) == 0
+    assert (
+        report.main(
+            [str(tiny_sweep["root"]), "-o", str(md), "--plot", str(png), "--pairs", "2,4", "--prompts", "10"]
+        )
+        == 0
+    )
     lines = md.read_text().splitlines()
     assert lines[0].startswith("| variant | layout | params total / active | steps | tokens |")
     attn = next(line for line in lines if line.startswith("| attn-dense |"))
@@ -136,9 +171,14 @@ def test_report_reads_offline_wandb_like_jsonl(tiny_sweep, tmp_path):
 
 
 def test_report_curves_last_record_wins():
-    records = [{"step": 1, "train/loss": 5.0}, {"step": 2, "train/loss": 4.0}, {"step": 2, "val/loss": 4.5},
-               {"event": "spike", "step": 2, "train/loss": 99.0},
-               {"step": 2, "train/loss": 3.5}, {"step": 3, "train/loss": 3.0}]  # step 2 again after a resume
+    records = [
+        {"step": 1, "train/loss": 5.0},
+        {"step": 2, "train/loss": 4.0},
+        {"step": 2, "val/loss": 4.5},
+        {"event": "spike", "step": 2, "train/loss": 99.0},
+        {"step": 2, "train/loss": 3.5},
+        {"step": 3, "train/loss": 3.0},
+    ]  # step 2 again after a resume
     train, val = report.curves(records)
     assert [(r["step"], r["train/loss"]) for r in train] == [(1, 5.0), (2, 3.5), (3, 3.0)]
     assert [r["val/loss"] for r in val] == [4.5]

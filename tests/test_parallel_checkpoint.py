@@ -41,8 +41,14 @@ def build(ep: int, gas: int, seed: int, stats_scope: str = "ep"):
     prepare_deepspeed_moe(model, groups)
     params = moe_param_groups([{"params": list(model.parameters()), "name": "decay"}])
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": gas, "gradient_clipping": 0.5,
-              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**6}
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": 0.5,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**6,
+    }
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     return engine, groups
 
@@ -72,8 +78,12 @@ def checkpointer(root: Path, portable: bool):
 
 
 def state(step_: int, ep: int) -> dict:
-    return {"step": step_, "world_size": dist.get_world_size(), "model_config": {},
-            "config": {"parallel": {"expert_parallel_size": ep}}}
+    return {
+        "step": step_,
+        "world_size": dist.get_world_size(),
+        "model_config": {},
+        "config": {"parallel": {"expert_parallel_size": ep}},
+    }
 
 
 def run_four(tmp: str) -> None:
@@ -87,15 +97,18 @@ def run_four(tmp: str) -> None:
     want = [step(engine, s, 1) for s in range(SAVE_AT + 1, SAVE_AT + MORE + 1)]
     # a checkpoint without portable state, for the 2-rank test's error path
     w = gather_full_state_dict(engine.module, groups)
-    checkpointer(tmp / "plain", portable=False).save(engine, SAVE_AT + MORE, state(SAVE_AT + MORE, EP),
-                                                      w if dist.get_rank() == 0 else None)
+    checkpointer(tmp / "plain", portable=False).save(
+        engine, SAVE_AT + MORE, state(SAVE_AT + MORE, EP), w if dist.get_rank() == 0 else None
+    )
     if dist.get_rank() == 0:
         (tmp / "want.json").write_text(json.dumps(want))
         from safetensors import safe_open
 
         for r in range(EP):  # exactly that EP position's experts, with their global ids
             f = safe_open(str(path / f"experts_ep{r}.safetensors"), framework="pt")
-            meta = json.loads(f.metadata()["json"])["experts"]["model.layers.1.feed_forward.experts.gate_up_proj"]
+            meta = json.loads(f.metadata()["json"])["experts"][
+                "model.layers.1.feed_forward.experts.gate_up_proj"
+            ]
             assert meta == {"expert_offset": 2 * r, "num_local": 2, "num_experts": 4}
             assert f.get_tensor("model.layers.1.feed_forward.experts.gate_up_proj").shape[0] == 2
         assert not any(path.glob("experts_ep2*"))
@@ -144,7 +157,9 @@ def test_layout_change_needs_a_portable_state(tmp_path):
 
     st = {"param_shapes": {"w": [4]}, "world_size": 4, "config": {"parallel": {"expert_parallel_size": 2}}}
     new = {"parallel": {"expert_parallel_size": 2}, "checkpoint": {"load_optimizer_states": True}}
-    with pytest.raises(CheckpointError, match="written by 4 ranks.*no portable state.*checkpoint.portable=true"):
+    with pytest.raises(
+        CheckpointError, match="written by 4 ranks.*no portable state.*checkpoint.portable=true"
+    ):
         check_compatible(tmp_path, st, {"w": [4]}, {}, new, 8, world_size=2)
     (tmp_path / "portable").mkdir()
     (tmp_path / "portable" / "dense.safetensors").write_bytes(b"")
@@ -158,14 +173,24 @@ def test_train_resumes_on_one_rank_with_optimizer_states(tmp_path):
     # are now per micro-batch instead of per EP group, a ~1e-6 difference here).
     from train.testing import TINY, run_train
 
-    base = [*TINY, "parallel=zero2", "parallel.expert_parallel_size=2", "checkpoint.interval=2",
-            "checkpoint.portable=true", "trainer.max_steps=4"]
+    base = [
+        *TINY,
+        "parallel=zero2",
+        "parallel.expert_parallel_size=2",
+        "checkpoint.interval=2",
+        "checkpoint.portable=true",
+        "trainer.max_steps=4",
+    ]
     ref = run_train(tmp_path / "ref", base, nproc=2, timeout=140)
     assert ref.returncode == 0, ref.output[-4000:]
     ckpt = tmp_path / "ref" / "checkpoints" / "step_00000002"
     assert (ckpt / "portable" / "experts_ep1.safetensors").is_file()
-    one = run_train(tmp_path / "one", [*base, "parallel.expert_parallel_size=1", "trainer.grad_accum_steps=2",
-                                       f"resume={ckpt}"], nproc=1, timeout=140)
+    one = run_train(
+        tmp_path / "one",
+        [*base, "parallel.expert_parallel_size=1", "trainer.grad_accum_steps=2", f"resume={ckpt}"],
+        nproc=1,
+        timeout=140,
+    )
     assert one.returncode == 0, one.output[-4000:]
     assert "portable state" in one.output
     want, got = ref.losses(), one.losses()

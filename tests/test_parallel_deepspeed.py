@@ -53,9 +53,14 @@ def check_zero(stage: int, ep: int) -> None:
     params = moe_param_groups([{"params": list(model.parameters()), "name": "decay"}])
     assert sorted(bool(g.get("moe")) for g in params) == [False, True]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
-              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-              "steps_per_print": 10**6}
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": CLIP,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**6,
+    }
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     assert engine.has_moe_layers
     norms = []
@@ -68,7 +73,9 @@ def check_zero(stage: int, ep: int) -> None:
     want, want_norms = reference(cfg, world, ep)
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(want_norms), rtol=1e-5, atol=1e-5)
     for k, v in want.items():
-        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"ZeRO-{stage} {k}: {m}")
+        torch.testing.assert_close(
+            got[k], v, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"ZeRO-{stage} {k}: {m}"
+        )
 
 
 def run_two_ranks() -> None:

@@ -34,10 +34,22 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def tiny_cfg(**kw) -> JambaConfig:
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, layer_pattern="M ME * *E",
-                mamba_d_state=8, scan_chunk_size=8, router_aux_loss_coef=0.05, router_z_loss_coef=0.01,
-                use_kernels=False)
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        layer_pattern="M ME * *E",
+        mamba_d_state=8,
+        scan_chunk_size=8,
+        router_aux_loss_coef=0.05,
+        router_z_loss_coef=0.01,
+        use_kernels=False,
+    )
     return JambaConfig(**{**base, **kw})
 
 
@@ -88,7 +100,9 @@ def check_ep(ep: int, scope: str = "ep", ckpt: str = "none") -> None:
     expert_grads = gather_expert_grads(model, groups)
     for n, p in model.named_parameters():
         got = expert_grads[n] if is_expert_param(p) else p.grad
-        torch.testing.assert_close(got, ref["grads"][n], **TOL, msg=lambda m, n=n: f"ep={ep} {scope} {n}: {m}")
+        torch.testing.assert_close(
+            got, ref["grads"][n], **TOL, msg=lambda m, n=n: f"ep={ep} {scope} {n}: {m}"
+        )
 
     # 5(c): the norm counts each expert once and agrees on every rank; clipping by it matches too.
     norm = global_grad_norm(model.parameters())
@@ -111,11 +125,19 @@ def check_ep(ep: int, scope: str = "ep", ckpt: str = "none") -> None:
         assert torch.equal(a, b), n
 
 
-def _dispatch_case(groups, x_full: torch.Tensor, idx_full: torch.Tensor, w_full: torch.Tensor,
-                   rows: list[int], autocast: bool = False) -> None:
+def _dispatch_case(
+    groups,
+    x_full: torch.Tensor,
+    idx_full: torch.Tensor,
+    w_full: torch.Tensor,
+    rows: list[int],
+    autocast: bool = False,
+) -> None:
     """EP dispatch of this rank's rows equals local_dispatch of all rows (output and gradients)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        _dispatch_compare(groups, x_full, idx_full, w_full, rows, dict(rtol=2e-2, atol=2e-2) if autocast else TOL)
+        _dispatch_compare(
+            groups, x_full, idx_full, w_full, rows, dict(rtol=2e-2, atol=2e-2) if autocast else TOL
+        )
 
 
 def _dispatch_compare(groups, x_full, idx_full, w_full, rows, tol) -> None:
@@ -134,7 +156,7 @@ def _dispatch_compare(groups, x_full, idx_full, w_full, rows, tol) -> None:
     with torch.no_grad():
         mine.gate_up_proj.copy_(full.gate_up_proj[sl])
         mine.down_proj.copy_(full.down_proj[sl])
-    lo, hi = sum(rows[:rank]), sum(rows[:rank + 1])
+    lo, hi = sum(rows[:rank]), sum(rows[: rank + 1])
     xl = x_full[lo:hi].clone().requires_grad_()
     y = AllToAllDispatcher(groups.ep_group, groups.ep_size, 4)(xl, idx_full[lo:hi], w_full[lo:hi], mine)
     y.pow(2).sum().backward()

@@ -42,14 +42,17 @@ def test_matches_deepspeed_default_topology():
     assert lay.all_ep_groups()[:3] == [[0, 1], [2, 3], [4, 5]]
 
 
-@pytest.mark.parametrize("world,ep,experts,msg", [
-    (8, 3, 16, "does not divide the world size 8"),
-    (8, 16, 16, "does not divide the world size 8"),
-    (8, 8, 4, "does not divide num_experts=4"),
-    (6, 3, 16, "does not divide num_experts=16"),
-    (8, 0, 16, "positive int"),
-    (0, 1, 16, "positive int"),
-])
+@pytest.mark.parametrize(
+    "world,ep,experts,msg",
+    [
+        (8, 3, 16, "does not divide the world size 8"),
+        (8, 16, 16, "does not divide the world size 8"),
+        (8, 8, 4, "does not divide num_experts=4"),
+        (6, 3, 16, "does not divide num_experts=16"),
+        (8, 0, 16, "positive int"),
+        (0, 1, 16, "positive int"),
+    ],
+)
 def test_bad_expert_parallel_sizes(world, ep, experts, msg):
     with pytest.raises(ValueError, match=msg):
         check_expert_parallel(world, ep, experts)

@@ -80,6 +80,8 @@ def test_cli_rejects_bad_sizes(capsys):
 
 
 def test_cli_runs_on_the_debug_preset(capsys):
-    assert main(["--model", "debug", "--world-size", "4", "--ep", "2", "--zero", "2", "--seq-len", "256"]) == 0
+    assert (
+        main(["--model", "debug", "--world-size", "4", "--ep", "2", "--zero", "2", "--seq-len", "256"]) == 0
+    )
     out = capsys.readouterr().out
     assert "experts per rank: 2 of 4" in out and "ZeRO-2 partitions optimizer states + gradients" in out
