@@ -84,15 +84,3 @@ def prepare_deepspeed_moe(model: nn.Module, groups: ProcessGroups) -> int:
                 m.ds_moe_marker = cls(m.num_experts, groups.ep_size)
             n += 1
     return n
-
-
-def moe_param_groups(param_groups: list[dict]) -> list[dict]:
-    """Split expert parameters out of the given optimizer param groups into DeepSpeed MoE groups
-    (`moe: True`, name `ep_size_<ep>`); groups without a "name" get one ("group<i>")."""
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-    named = [
-        {**g, "name": g.get("name", f"group{i}"), "params": list(g["params"])}
-        for i, g in enumerate(param_groups)
-    ]
-    return split_params_into_different_moe_groups_for_optimizer(named)

@@ -24,6 +24,7 @@ from test_parallel_ep import batch, tiny_cfg
 from jamba import JambaForCausalLM
 from parallel.expert_parallel import apply_expert_parallel, gather_full_state_dict
 from parallel.groups import init_process_groups
+from parallel.zero import optimizer_param_groups
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 deepspeed = pytest.importorskip("deepspeed")
@@ -32,15 +33,14 @@ EP, SAVE_AT, MORE, LR = 2, 2, 3, 1e-2
 
 
 def build(ep: int, gas: int, seed: int, stats_scope: str = "ep"):
-    from parallel.deepspeed_moe import moe_param_groups, prepare_deepspeed_moe
+    from parallel.deepspeed_moe import prepare_deepspeed_moe
 
     cfg = tiny_cfg()
     groups = init_process_groups(ep, cfg.num_experts)
     model = JambaForCausalLM(cfg, seed=seed)
     apply_expert_parallel(model, ep, groups, stats_scope)
     prepare_deepspeed_moe(model, groups)
-    params = moe_param_groups([{"params": list(model.parameters()), "name": "decay"}])
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
+    opt = torch.optim.AdamW(optimizer_param_groups(model, 0.1), lr=LR)
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": gas,

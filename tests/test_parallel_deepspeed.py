@@ -18,6 +18,7 @@ from test_parallel_ep import batch, tiny_cfg
 from jamba import JambaForCausalLM
 from parallel.expert_parallel import apply_expert_parallel, gather_full_state_dict
 from parallel.groups import init_process_groups
+from parallel.zero import optimizer_param_groups
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before the import: DeepSpeed picks its accelerator then
 deepspeed = pytest.importorskip("deepspeed")
@@ -27,7 +28,7 @@ STEPS, LR, CLIP = 3, 1e-2, 0.5
 
 def reference(cfg, world: int, ep: int) -> tuple[dict, list[float]]:
     model = JambaForCausalLM(cfg, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    opt = torch.optim.AdamW(optimizer_param_groups(model, 0.1), lr=LR)
     norms = []
     for s in range(STEPS):
         for start in range(0, world, ep):
@@ -42,7 +43,7 @@ def reference(cfg, world: int, ep: int) -> tuple[dict, list[float]]:
 
 
 def check_zero(stage: int, ep: int) -> None:
-    from parallel.deepspeed_moe import moe_param_groups, prepare_deepspeed_moe
+    from parallel.deepspeed_moe import prepare_deepspeed_moe
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = tiny_cfg()
@@ -50,9 +51,11 @@ def check_zero(stage: int, ep: int) -> None:
     model = JambaForCausalLM(cfg, seed=0)
     apply_expert_parallel(model, ep, groups)
     assert prepare_deepspeed_moe(model, groups) == 2
-    params = moe_param_groups([{"params": list(model.parameters()), "name": "decay"}])
-    assert sorted(bool(g.get("moe")) for g in params) == [False, True]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
+    params = optimizer_param_groups(model, 0.1)
+    moe_ids = {id(p) for g in params if g.get("moe") for p in g["params"]}
+    expert_ids = {id(p) for p in model.parameters() if getattr(p, "allreduce", True) is False}
+    assert moe_ids == expert_ids and expert_ids  # exactly the expert params sit in DeepSpeed MoE groups
+    opt = torch.optim.AdamW(params, lr=LR)
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
