@@ -2,8 +2,18 @@
 
     TORCH_CUDA_ARCH_LIST=9.0 python benchmarks/bench_vs_hf.py --runs bench-426m:8:2048 bench:4:4096 bench:2:4096
 
-Recipe for both: DeepSpeed ZeRO-1, bf16 mixed precision with fp32 master weights, torch fused AdamW
-(client optimizer, so no JIT build), clipping 1.0. Checks that the step-0 losses agree (1e-2 relative),
+Implementations (--which):
+  hf            transformers' JambaForCausalLM (mamba-ssm + causal-conv1d kernels, SDPA) under DeepSpeed's bf16
+                mode: bf16 weights, fp32 master weights in the ZeRO-1 optimizer;
+  ours          our model as `python -m train` runs it on one GPU, with parallel.compile=none: DeepSpeed
+                torch_autocast (fp32 weights = masters, fp32 optimizer states, bf16 matmuls), our optimizer param
+                groups, ZeRO stage 0 (one rank: nothing to partition; see train.build.zero_stage_for);
+  ours-compile  the same with torch.compile of every decoder layer: the trainer's default on a GPU;
+  ...-z1        (suffix) ZeRO-1 instead of stage 0, which keeps a second fp32 copy of the weights;
+  ...-bf16      (suffix) hf's recipe (DeepSpeed bf16 mode) for our model, to separate model from recipe.
+All: torch fused AdamW (client optimizer, so no JIT build), clipping 1.0, the same weights and batches.
+A spec ending in :ckpt turns on full activation checkpointing; :key=value sets a runtime field of our model
+(e.g. :ff_chunk_size=16384). Checks that the step-0 losses agree (1e-2 relative),
 then prints: ms/step, tokens/s, MFU (6N: 6 x active matmul params, the issue's convention; and all FLOPs incl. attention and scan,
 from jamba.counting; 989 TFLOP/s dense bf16 peak), peak memory.
 """
@@ -30,7 +40,28 @@ from jamba.scan import kernels_available
 PEAK = 989e12
 
 
-def ds_config(micro_batch: int) -> dict:
+def flags(which: str) -> set[str]:
+    """'ours-compile-z0' -> {'ours', 'compile', 'z0'}."""
+    return set(which.split("-"))
+
+
+def ds_config(micro_batch: int, which: str) -> dict:
+    f = flags(which)
+    if "ours" in f and "bf16" not in f:  # the trainer's own config builder
+        from parallel.zero import deepspeed_config
+
+        # as train.build.zero_stage_for: a single rank runs stage 0 (z1 forces ZeRO-1, for comparison)
+        single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        cfg = deepspeed_config(
+            zero_stage=0 if single and "z1" not in f else 1,
+            micro_batch_size=micro_batch,
+            grad_accum_steps=1,
+            grad_clip=1.0,
+            precision="bf16",
+            on_gpu=True,
+        )
+        cfg["checkpoint"] = {}
+        return cfg
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
@@ -83,16 +114,25 @@ def run_one(name, cfg, batch, seq, steps, which, state_dict, ckpt):
                 cfg.replace(activation_checkpointing="full" if ckpt else "none"), init=False
             )
         load_hf_state_dict(model, state_dict)
+        if "compile" in flags(which):
+            model.compile_layers()
         loss_fn = ours_loss
     model = model.cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(batch))
+    if "ours" in flags(which):
+        from parallel.zero import optimizer_param_groups
+
+        params = optimizer_param_groups(model, 0.1)
+    else:
+        params = model.parameters()
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=True)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(batch, which))
     g = torch.Generator(device="cuda").manual_seed(1)
     batches = [
         torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda", generator=g) for _ in range(2)
     ]
     torch.cuda.reset_peak_memory_stats()
     first, times = None, []
+    steps = steps if batch * seq < 65536 else min(steps, 4)  # long sequences: seconds per step
     for i in range(steps):
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -103,7 +143,8 @@ def run_one(name, cfg, batch, seq, steps, which, state_dict, ckpt):
         times.append(time.perf_counter() - t)
         if i == 0:
             first = float(lm.detach())
-    ms = 1000 * sorted(times[2:])[len(times[2:]) // 2]
+    warm = times[2:]  # the first steps include compiles and allocator growth
+    ms = 1000 * sorted(warm)[len(warm) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**30
     del engine, model, opt
     gc.collect()
@@ -114,10 +155,13 @@ def run_one(name, cfg, batch, seq, steps, which, state_dict, ckpt):
 def measure(spec: str, which: str, steps: int) -> dict:
     """One (config, implementation) run; called in a fresh process so an OOM leaves nothing behind."""
     preset, b, s, *rest = spec.split(":")
-    b, s, ckpt = int(b), int(s), bool(rest and rest[0] == "ckpt")
+    b, s, ckpt = int(b), int(s), "ckpt" in rest
     cfg = get_preset(preset)
+    extra = dict(kv.split("=") for kv in rest if "=" in kv)
+    if extra and which.startswith("ours"):
+        cfg = cfg.replace(**{k: int(v) for k, v in extra.items()})
     sd = None
-    if which == "ours":  # the same weights as transformers' model: same seed, same init, then copied
+    if which.startswith("ours"):  # the same weights as transformers' model: same seed, same init, then copied
         ref = build_hf(cfg, False)
         sd = {k: v.detach().cpu() for k, v in ref.state_dict().items()}
         del ref
@@ -135,10 +179,12 @@ def main() -> None:
         "--runs",
         nargs="+",
         default=["bench-426m:8:2048", "bench:4:4096", "bench:2:4096"],
-        help="preset:batch:seq[:ckpt]",
+        help="preset:batch:seq[:ckpt][:key=value][@impl,impl] (the @ list overrides --which for that run)",
     )
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--which", default="hf,ours")
+    ap.add_argument(
+        "--which", default="hf,ours,ours-compile", help="comma list: hf, ours, ours-compile, ours-bf16"
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: spec,which
     args = ap.parse_args()
@@ -146,6 +192,7 @@ def main() -> None:
     for k, v in {
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": "29511",
+        "NCCL_NVLS_ENABLE": "0",
         "RANK": "0",
         "WORLD_SIZE": "1",
         "LOCAL_RANK": "0",
@@ -171,18 +218,19 @@ def main() -> None:
     ]
     print("\n".join(lines), flush=True)
     for spec in args.runs:
+        spec, _, only = spec.partition("@")  # preset:b:s[:ckpt][@which,which]
         preset, b, s, *rest = spec.split(":")
         b, s = int(b), int(s)
         fl = flops_per_token(get_preset(preset), s)
         losses, res = {}, {}
-        for which in args.which.split(","):
+        for which in (only or args.which).split(","):
             proc = subprocess.run(
                 [sys.executable, __file__, "--one", f"{spec},{which}", "--steps", str(args.steps)],
                 capture_output=True,
                 text=True,
             )
             got = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            label = f"| {preset}{' ckpt' if rest else ''} | {b}x{s} | {which} |"
+            label = f"| {' '.join([preset, *rest])} | {b}x{s} | {which} |"
             if not got:
                 row = f"{label} ERROR rc={proc.returncode}: {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ''} | | | | | |"
             else:
@@ -198,11 +246,13 @@ def main() -> None:
                     )
             lines.append(row)
             print(row, flush=True)
-        if len(losses) == 2:
-            rel = abs(losses["hf"] - losses["ours"]) / abs(losses["hf"])
+        for which in losses:
+            if which == "hf" or "hf" not in losses:
+                continue
+            rel = abs(losses["hf"] - losses[which]) / abs(losses["hf"])
             line = (
-                f"step-0 loss rel diff {rel:.2e} ({'OK' if rel < 1e-2 else 'MISMATCH'}), "
-                f"speed-up {res['hf'] / res['ours']:.2f}x"
+                f"{which}: step-0 loss rel diff vs hf {rel:.2e} ({'OK' if rel < 1e-2 else 'MISMATCH'}), "
+                f"speed-up {res['hf'] / res[which]:.2f}x"
             )
             lines.append(line)
             print(line, flush=True)

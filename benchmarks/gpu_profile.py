@@ -1,6 +1,10 @@
 """Profile one training step of a preset on GPU and print the top CUDA kernels and per-module times.
 
-python benchmarks/gpu_profile.py --preset bench --batch 2 --seq 4096 [--ckpt none]
+python benchmarks/gpu_profile.py --preset bench --batch 4 --seq 4096 [--ckpt none] [--precision autocast] [--compile]
+
+--precision autocast (default) is the trainer's recipe without DeepSpeed: fp32 weights and optimizer states, bf16
+matmuls under torch.autocast; bf16 casts the whole model to bf16 (pure bf16). --compile compiles every decoder
+layer (parallel.compile=layers); per-part ranges are then not recorded (they would split the graphs).
 """
 
 from __future__ import annotations
@@ -37,15 +41,23 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--ckpt", default="none")
     ap.add_argument("--rows", type=int, default=35)
+    ap.add_argument("--precision", default="autocast", choices=["autocast", "bf16"])
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     cfg = get_preset(args.preset, activation_checkpointing=args.ckpt)
-    m = JambaForCausalLM(cfg, seed=0).cuda().to(torch.bfloat16)
-    tag_modules(m)
+    m = JambaForCausalLM(cfg, seed=0).cuda()
+    if args.precision == "bf16":
+        m = m.to(torch.bfloat16)
+    if args.compile:
+        m.compile_layers()
+    else:
+        tag_modules(m)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda")
 
     def step():
-        out = m(x[:, :-1], labels=x[:, 1:])
+        with torch.autocast("cuda", torch.bfloat16, enabled=args.precision == "autocast"):
+            out = m(x[:, :-1], labels=x[:, 1:])
         out.loss.backward()
         with record_function("part::optimizer"):
             opt.step()
@@ -53,11 +65,17 @@ def main() -> None:
 
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    step()
-    torch.cuda.synchronize()
-    print(f"step {1000 * (time.perf_counter() - t):.1f} ms")
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    print(
+        f"{args.preset} {args.batch}x{args.seq} {args.precision} compile={args.compile}: step "
+        f"{1000 * sorted(times)[1]:.1f} ms (median of 3), peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    )
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()

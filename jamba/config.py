@@ -61,6 +61,9 @@ class JambaConfig:
     use_kernels: bool = True  # fast GPU kernels when importable; pure PyTorch otherwise
     scan_chunk_size: int = 16  # chunk length of the CPU selective scan
     loss_chunk_size: int = 4096  # tokens per chunk of the cross-entropy (never full-vocab logits for all)
+    # Tokens per feed-forward chunk when training (0: all at once). Long contexts: the MoE's [tokens*k, 2F]
+    # intermediates of one chunk live at a time (each chunk is recomputed in backward). Exact.
+    ff_chunk_size: int = 0
     extra: dict = field(default_factory=dict)  # free-form notes (preset name, ...), never read by the model
 
     def __post_init__(self) -> None:
@@ -132,6 +135,11 @@ class JambaConfig:
             self.activation_checkpointing in CHECKPOINT_CHOICES,
             "activation_checkpointing",
             f"must be one of {CHECKPOINT_CHOICES}, got {self.activation_checkpointing!r}",
+        )
+        need(
+            isinstance(self.ff_chunk_size, int) and self.ff_chunk_size >= 0,
+            "ff_chunk_size",
+            f"must be an int >= 0 (0: no chunking), got {self.ff_chunk_size!r}",
         )
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         need(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import JambaConfig
 
@@ -16,6 +17,15 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(h, f, bias=False)
         self.up_proj = nn.Linear(h, f, bias=False)
         self.down_proj = nn.Linear(f, h, bias=False)
+        self.chunk = cfg.ff_chunk_size
+
+    def _ff(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        c = self.chunk
+        if not c or x.shape[:-1].numel() <= c or not (torch.is_grad_enabled() and x.requires_grad):
+            return self._ff(x)
+        flat = x.reshape(-1, x.shape[-1])  # tokens are independent: chunks recomputed in backward
+        ys = [checkpoint(self._ff, flat[s : s + c], use_reentrant=False) for s in range(0, flat.shape[0], c)]
+        return torch.cat(ys).view(*x.shape[:-1], -1)

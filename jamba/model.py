@@ -91,7 +91,7 @@ def _ce_chunk(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 def chunked_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, chunk_fn=_ce_chunk
 ) -> torch.Tensor:
     """Mean next-token loss without keeping [tokens, vocab] logits alive: each chunk's logits are
     recomputed in backward."""
@@ -100,9 +100,9 @@ def chunked_cross_entropy(
     for s in range(0, h.shape[0], chunk):
         hs, ls = h[s : s + chunk], labels[s : s + chunk]
         if torch.is_grad_enabled() and (hs.requires_grad or weight.requires_grad):
-            total = total + checkpoint(_ce_chunk, hs, weight, ls, use_reentrant=False)
+            total = total + checkpoint(chunk_fn, hs, weight, ls, use_reentrant=False)
         else:
-            total = total + _ce_chunk(hs, weight, ls)
+            total = total + chunk_fn(hs, weight, ls)
     return total / (labels != -100).sum().clamp(min=1)
 
 
@@ -112,6 +112,7 @@ class JambaForCausalLM(nn.Module):
         self.config = cfg
         self.model = JambaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._ce_chunk = _ce_chunk  # compile_layers() swaps in the compiled one
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if init:
@@ -122,7 +123,12 @@ class JambaForCausalLM(nn.Module):
     ) -> JambaOutput:
         """labels are aligned with input_ids (already shifted: labels[t] is the token after input_ids[t]);
         -100 is ignored. Logits are returned when asked, or when no labels are given."""
-        if input_ids.max() >= self.config.vocab_size or input_ids.min() < 0:
+        if input_ids.is_cuda:  # no host sync on GPU: a bad id fails the step asynchronously
+            torch._assert_async(
+                (input_ids.max() < self.config.vocab_size) & (input_ids.min() >= 0),
+                "input_ids out of range [0, vocab_size)",
+            )
+        elif input_ids.max() >= self.config.vocab_size or input_ids.min() < 0:
             raise ValueError(
                 f"input_ids out of range [0, {self.config.vocab_size}): "
                 f"min {int(input_ids.min())}, max {int(input_ids.max())}"
@@ -138,7 +144,7 @@ class JambaForCausalLM(nn.Module):
                 )
             else:
                 out.lm_loss = chunked_cross_entropy(
-                    h, self.lm_head.weight, labels, self.config.loss_chunk_size
+                    h, self.lm_head.weight, labels, self.config.loss_chunk_size, self._ce_chunk
                 )
             out.loss = out.lm_loss
         if stats:
@@ -149,6 +155,17 @@ class JambaForCausalLM(nn.Module):
                 if self.config.router_z_loss_coef > 0:
                     out.loss = out.loss + self.config.router_z_loss_coef * out.z_loss
         return out
+
+    def compile_layers(self, **compile_kwargs) -> JambaForCausalLM:
+        """torch.compile each decoder layer in place (parameter names unchanged, so checkpoints and
+        DeepSpeed see the same model) and the loss chunk. Layers of one kind share a compiled graph; the
+        mamba-ssm / causal-conv1d calls are graph breaks. What it buys: RMSNorm, SwiGLU, router and
+        dtype casts fused into few kernels (benchmarks/results/)."""
+        for layer in self.model.layers:
+            layer.compile(**compile_kwargs)
+        self.model.final_layernorm.compile(**compile_kwargs)
+        self._ce_chunk = torch.compile(_ce_chunk, **compile_kwargs)
+        return self
 
     def no_weight_decay_names(self) -> set[str]:
         """Norm weights, biases, A_log, D: excluded from weight decay by the optimizer."""

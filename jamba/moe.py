@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import JambaConfig
 from .experts import Experts
@@ -47,6 +48,27 @@ class SparseMoE(nn.Module):
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.use_kernels)
         self.dispatcher: Callable = local_dispatch
         self.reduce_stats: Callable | None = None
+        self.chunk = cfg.ff_chunk_size
+
+    def _dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """All tokens at once, or (training, ff_chunk_size set) in recomputed chunks of tokens. Every rank
+        of an expert-parallel group sees the same token count, so all take the same number of chunks."""
+        c, t = self.chunk, x.shape[0]
+        if not c or t <= c or not (torch.is_grad_enabled() and x.requires_grad):
+            return self.dispatcher(x, topk_idx, topk_w, self.experts)
+        return torch.cat(
+            [
+                checkpoint(
+                    self.dispatcher,
+                    x[s : s + c],
+                    topk_idx[s : s + c],
+                    topk_w[s : s + c],
+                    self.experts,
+                    use_reentrant=False,
+                )
+                for s in range(0, t, c)
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         shape = x.shape
@@ -54,7 +76,7 @@ class SparseMoE(nn.Module):
         logits = self.router(x).float()
         probs = torch.softmax(logits, dim=-1)
         topk_w, topk_idx = torch.topk(probs, self.top_k, dim=-1)
-        y = self.dispatcher(x, topk_idx, topk_w.to(x.dtype), self.experts)
+        y = self._dispatch(x, topk_idx, topk_w.to(x.dtype))
 
         counts = expert_counts(topk_idx.reshape(-1), self.num_experts)
         prob_sum = probs.sum(0)

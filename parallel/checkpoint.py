@@ -149,12 +149,17 @@ def load_local_experts(model: nn.Module, ckpt: Path) -> None:
 # ---- portable optimizer state (ZeRO-1/2 through DeepSpeed's safe_get/set_full_* API) -------------------
 
 
+def _is_zero(opt) -> bool:
+    return hasattr(opt, "single_partition_of_fp32_groups")
+
+
+def _plain_state(opt, p: torch.nn.Parameter, k: str) -> torch.Tensor | None:
+    """A moment of `p` held by a plain torch optimizer (ZeRO stage 0: the parameters are the fp32 masters)."""
+    st = opt.state.get(p, {})
+    return st[k].detach().float() if k in st else torch.zeros_like(p, dtype=torch.float32)
+
+
 def _link(opt) -> None:
-    if not hasattr(opt, "single_partition_of_fp32_groups"):
-        raise RuntimeError(
-            f"a portable checkpoint needs DeepSpeed's ZeRO-1/2 optimizer, not {type(opt).__name__} "
-            f"(set checkpoint.portable=false)"
-        )
     # ZeRO links the optimizer-state fragments after the first param group's step, before torch AdamW has
     # state for the later (MoE) groups: re-link now (docs/parallel.md).
     opt._hp_optimizer_states_linked = False
@@ -162,8 +167,10 @@ def _link(opt) -> None:
 
 
 def _adam_step(opt) -> int:
-    for p in opt.single_partition_of_fp32_groups:
-        st = opt.optimizer.state.get(p, {})
+    params = opt.single_partition_of_fp32_groups if _is_zero(opt) else list(opt.state)
+    state = opt.optimizer.state if _is_zero(opt) else opt.state
+    for p in params:
+        st = state.get(p, {})
         if "step" in st:
             return int(st["step"])
     return 0
@@ -175,14 +182,18 @@ def save_portable(engine, ckpt: Path) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     opt, model = engine.optimizer, engine.module
-    _link(opt)
+    zero = _is_zero(opt)
+    if zero:
+        _link(opt)
+    elif not isinstance(opt, torch.optim.Optimizer):
+        raise RuntimeError(f"a portable checkpoint needs an Adam-type optimizer, not {type(opt).__name__}")
     experts = expert_params(model)
     dense, local = {}, {}
     for name, p in model.named_parameters():
         out = local if name in experts else dense
-        out[name] = safe_get_full_fp32_param(p)
+        out[name] = safe_get_full_fp32_param(p) if zero else p.detach().float()
         for k in MOMENTS:
-            out[f"{name}::{k}"] = safe_get_full_optimizer_state(p, k)
+            out[f"{name}::{k}"] = safe_get_full_optimizer_state(p, k) if zero else _plain_state(opt, p, k)
     missing = [k for k, v in {**dense, **local}.items() if v is None]
     if missing:
         raise RuntimeError(
@@ -216,6 +227,9 @@ def load_portable(engine, ckpt: Path) -> int:
     step = json.loads(h.metadata()["json"])["step"]
     experts = expert_params(model)
     reader = ExpertReader(_expert_files(d)) if experts else None
+    if not _is_zero(opt):  # stage 0 (one rank): the parameters are the fp32 masters, the state is opt's
+        _load_plain(opt, model, h, step, experts, reader)
+        return step
     # torch AdamW creates its state lazily at the first step: create it (zeros, the saved step) so that
     # ZeRO can link every parameter's fragment to it.
     for p in opt.single_partition_of_fp32_groups:
@@ -237,3 +251,25 @@ def load_portable(engine, ckpt: Path) -> int:
             for k in MOMENTS:
                 safe_set_full_optimizer_state(p, get(f"{name}::{k}").to(p.device), k)
     return step
+
+
+def _load_plain(opt, model, h, step: int, experts: dict, reader) -> None:
+    with torch.no_grad():
+        for group in opt.param_groups:
+            fused = bool(group.get("fused"))
+            for p in group["params"]:
+                opt.state[p] = {  # what torch AdamW's lazy init makes (fused keeps `step` on the device)
+                    "step": torch.tensor(
+                        float(step), dtype=torch.float32, device=p.device if fused else "cpu"
+                    )
+                }
+        for name, p in model.named_parameters():
+            if name in experts:
+                _, off, n, _, _ = experts[name]
+                get = lambda key, name=name, off=off, n=n: reader.get(key, name, off, n)  # noqa: E731
+            else:
+                get = h.get_tensor
+            p.copy_(get(name).to(p.dtype))
+            if p in opt.state:
+                for k in MOMENTS:
+                    opt.state[p][k] = get(f"{name}::{k}").to(p.device, p.dtype)

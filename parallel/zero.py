@@ -29,8 +29,8 @@ def deepspeed_config(
     on_gpu: bool,
 ) -> dict:
     """The `config` of `deepspeed.initialize` for a client optimizer (we pass our own AdamW)."""
-    if zero_stage not in (1, 2):
-        raise ValueError(f"zero_stage must be 1 or 2, got {zero_stage}")
+    if zero_stage not in (0, 1, 2):
+        raise ValueError(f"zero_stage must be 0, 1 or 2, got {zero_stage}")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     cfg: dict = {

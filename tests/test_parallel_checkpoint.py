@@ -12,6 +12,7 @@ and DeepSpeed ZeRO-2 on gloo/CPU, fp32, with a tiny model:
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -194,4 +195,37 @@ def test_train_resumes_on_one_rank_with_optimizer_states(tmp_path):
     assert one.returncode == 0, one.output[-4000:]
     assert "portable state" in one.output
     want, got = ref.losses(), one.losses()
+    assert sorted(got) == [3, 4] and all(abs(got[s] - want[s]) <= 1e-5 for s in got), (got, want)
+
+
+@pytest.mark.timeout(300)
+def test_single_rank_stage0_resumes_exactly_and_on_two_ranks(tmp_path):
+    # One rank runs a plain DeepSpeed engine (stage 0: no second fp32 copy) and clips itself. Its checkpoints
+    # resume exactly on one rank (DeepSpeed's files) and, through the portable state, on two ranks with ZeRO-1.
+    from train.testing import TINY, run_train
+
+    base = [
+        *TINY,
+        "checkpoint.interval=2",
+        "checkpoint.portable=true",
+        "trainer.max_steps=4",
+        "optim.grad_clip=0.05",
+    ]
+    ref = run_train(tmp_path / "ref", [*base, "trainer.grad_accum_steps=2"], nproc=1, timeout=140)
+    assert ref.returncode == 0, ref.output[-4000:]
+    assert "ZeRO-0" in ref.output
+    want = ref.losses()
+    assert all(math.isfinite(want[s]) for s in want) and len(want) == 4
+    norms = [r["train/grad_norm"] for r in ref.metrics() if "train/grad_norm" in r]
+    assert len(norms) == 4 and min(norms) > 0.05  # clipping is active: the comparison below tests it
+    ckpt = tmp_path / "ref" / "checkpoints" / "step_00000002"
+    same = run_train(
+        tmp_path / "same", [*base, "trainer.grad_accum_steps=2", f"resume={ckpt}"], nproc=1, timeout=140
+    )
+    assert same.returncode == 0, same.output[-4000:]
+    assert same.losses() == {3: want[3], 4: want[4]}
+    two = run_train(tmp_path / "two", [*base, f"resume={ckpt}"], nproc=2, timeout=140)
+    assert two.returncode == 0, two.output[-4000:]
+    assert "portable state" in two.output
+    got = two.losses()
     assert sorted(got) == [3, 4] and all(abs(got[s] - want[s]) <= 1e-5 for s in got), (got, want)

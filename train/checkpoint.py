@@ -325,7 +325,8 @@ class Checkpointer:
                 f"{ckpt / WEIGHTS_FILE} does not match the model: missing {bad[:5]}, "
                 f"unexpected {res.unexpected_keys[:5]}"
             )
-        engine.optimizer.refresh_fp32_params()
+        if hasattr(engine.optimizer, "refresh_fp32_params"):  # ZeRO's fp32 copy; stage 0 has none
+            engine.optimizer.refresh_fp32_params()
 
     def load(self, engine, ckpt: Path, *, optimizer: bool = True) -> dict:
         """Collective: weights, optimizer partitions and this rank's RNG from `ckpt`; returns the trainer

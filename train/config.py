@@ -120,6 +120,8 @@ class ParallelConfig:
     expert_parallel_size: int = 1  # ranks that split each MoE layer's experts (parallel/expert_parallel.py)
     precision: Precision = Precision.auto
     activation_checkpointing: str = "none"  # none | full | mamba | attention | moe
+    # torch.compile each decoder layer: auto = on a GPU only (CPU compiles take minutes for little gain)
+    compile: str = "auto"  # auto | layers | none
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | nccl | gloo
     timeout_s: int = 600  # a collective waiting longer (e.g. a peer died) raises instead of hanging
@@ -135,6 +137,11 @@ class ParallelConfig:
             self.activation_checkpointing in CHECKPOINT_CHOICES,
             "parallel.activation_checkpointing",
             f"must be one of {CHECKPOINT_CHOICES}, got {self.activation_checkpointing!r}",
+        )
+        _need(
+            self.compile in ("auto", "layers", "none"),
+            "parallel.compile",
+            f"auto|layers|none, got {self.compile!r}",
         )
         _need(
             self.device in ("auto", "cpu", "cuda"), "parallel.device", f"auto|cpu|cuda, got {self.device!r}"

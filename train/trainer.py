@@ -26,6 +26,7 @@ from .build import (
     build_metrics,
     build_model,
     consolidated_state_dict,
+    maybe_compile,
     resolve_precision,
 )
 from .checkpoint import Checkpointer, read_state
@@ -63,6 +64,7 @@ class Trainer:
                 dist.world_size,
             )
         apply_parallelism(model, cfg, dist)
+        maybe_compile(model, cfg, dist)
         self.engine, self.optimizer = build_engine(model, cfg, dist, self.precision)
         self.checkpointer.install_safe_loading(self.engine)
         self.spikes = SpikeDetector(cfg.spikes)
@@ -85,7 +87,7 @@ class Trainer:
             cfg.model.preset,
             n / 1e6,
             self.precision,
-            cfg.parallel.zero_stage,
+            self.engine.zero_optimization_stage(),
             dist.world_size,
             self.global_batch,
             cfg.data.seq_len,
@@ -217,13 +219,21 @@ class Trainer:
         kind, threshold = self.spikes.check_loss(step, loss)
         skip = kind == "nonfinite_loss" or (kind is not None and cfg.spikes.policy != SpikePolicy.log)
         layer = largest_layer_grad_norm(self.engine.module) if kind else None
+        clip_norm = None
+        if not self.engine.zero_optimization():  # one rank, stage 0: clip here (see build.zero_stage_for)
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            clip_norm = float(
+                torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), clip, foreach=True)
+            )
+            if not is_finite(clip_norm):
+                skip = True  # as ZeRO does: no update from inf/nan gradients
         self.optimizer.skip = skip
         self.engine.step()
         self.optimizer.skip = False
-        gnorm = self.engine.get_global_grad_norm()
+        gnorm = self.engine.get_global_grad_norm() if clip_norm is None else clip_norm
         gnorm = float(gnorm) if gnorm is not None else float("nan")
         if kind is None and not is_finite(gnorm):
-            kind, skip = "nonfinite_grad", True  # ZeRO found inf/nan gradients and did not step
+            kind, skip = "nonfinite_grad", True  # inf/nan gradients: the optimizer did not step
         self.step, self.samples = step, self.samples + self.global_batch
         self.tokens += self.global_batch * cfg.data.seq_len
         self.stop_requested = self.stop_requested or bool(acc[4] > 0)

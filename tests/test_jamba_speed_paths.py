@@ -1,0 +1,72 @@
+"""Speed options that must not change the numbers: feed-forward token chunking, torch.compile of the layers.
+CPU compiles with the aot_eager backend (traces and runs the same graphs as inductor, without the minutes of
+C++ code generation); the GPU test compiles with inductor, the trainer's default."""
+
+import pytest
+import torch
+from test_jamba_model import tiny
+
+from jamba import JambaForCausalLM
+
+
+def _grads(m, x, **kw):
+    out = m(x[:, :-1], labels=x[:, 1:], **kw)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+def _pair(cfg_a, cfg_b, device="cpu"):
+    a = JambaForCausalLM(cfg_a, seed=0).to(device)
+    b = JambaForCausalLM(cfg_b, seed=0).to(device)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("ckpt", ["none", "full"])
+def test_ff_chunking_is_exact(ckpt):
+    # chunk of 7 tokens: ragged last chunk, MoE and dense feed-forwards both chunked
+    a, b = _pair(tiny(activation_checkpointing=ckpt), tiny(activation_checkpointing=ckpt, ff_chunk_size=7))
+    x = torch.randint(0, 97, (2, 21))
+    oa, ga = _grads(a, x)
+    ob, gb = _grads(b, x)
+    torch.testing.assert_close(ob.loss, oa.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ob.aux_loss, oa.aux_loss, rtol=1e-6, atol=1e-6)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6, msg=n)
+    counts_a = [s["tokens_per_expert"] for s in oa.router_stats]
+    counts_b = [s["tokens_per_expert"] for s in ob.router_stats]
+    assert all(torch.equal(p, q) for p, q in zip(counts_a, counts_b, strict=True))
+
+
+def test_ff_chunk_size_is_validated():
+    with pytest.raises(ValueError, match="ff_chunk_size"):
+        tiny(ff_chunk_size=-1)
+
+
+def test_compiled_layers_match_eager_and_keep_names():
+    torch._dynamo.reset()
+    a, b = _pair(tiny(), tiny())
+    b.compile_layers(backend="aot_eager")
+    assert list(a.state_dict()) == list(b.state_dict())  # checkpoints and DeepSpeed see the same names
+    x = torch.randint(0, 97, (2, 17))
+    oa, ga = _grads(a, x)
+    ob, gb = _grads(b, x)
+    torch.testing.assert_close(ob.loss, oa.loss, rtol=1e-5, atol=1e-5)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.gpu
+def test_compiled_layers_match_eager_gpu():
+    torch._dynamo.reset()
+    cfg = tiny(hidden_size=64, intermediate_size=128, activation_checkpointing="mamba")
+    a, b = _pair(cfg, cfg, device="cuda")
+    b.compile_layers()
+    x = torch.randint(0, 97, (2, 257), device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        oa, ga = _grads(a, x)
+        ob, gb = _grads(b, x)
+    torch.testing.assert_close(ob.loss, oa.loss, rtol=2e-2, atol=2e-2)
+    for n in ga:
+        rel = (gb[n] - ga[n]).norm() / ga[n].norm().clamp(min=1e-8)
+        assert rel < 5e-2, (n, float(rel))
