@@ -43,9 +43,14 @@ class MambaMixer(nn.Module):
             p._keep_fp32 = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xz = self.in_proj(x).transpose(1, 2)  # [b, 2d, L]
-        u, z = xz.chunk(2, dim=1)
+        b, L, _ = x.shape
+        # in_proj computed channel-major, W @ x^T = [2d, b*L], then viewed as [b, 2d, L] (strides L, b*L, 1):
+        # every row is contiguous in time, which is all the conv and scan kernels need, so u and z reach
+        # them without the transposing copies that [b, L, 2d] -> [b, 2d, L] costs (forward and backward).
+        xz = torch.matmul(self.in_proj.weight, x.reshape(b * L, -1).t())
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
+        u, z = xz.view(-1, b, L).permute(1, 0, 2).chunk(2, dim=1)
         u = causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, use_kernel=self.use_kernels)
         dbc = self.x_proj(u.transpose(1, 2))  # [b, L, r + 2n]
         dt, B, C = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -66,4 +71,5 @@ class MambaMixer(nn.Module):
             use_kernel=self.use_kernels,
             chunk_size=self.scan_chunk,
         )
-        return self.out_proj(y.transpose(1, 2).to(dtype))
+        # y is in u's dtype: x's, or bf16 under autocast (no fp32 round trip before out_proj)
+        return self.out_proj(y.transpose(1, 2))

@@ -27,6 +27,24 @@ def expert_counts(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     )
 
 
+class _GatherSlots(torch.autograd.Function):
+    """rows = x[order // k]: the (token, slot) pairs in expert order. Autograd's backward of that indexing
+    is a sorting scatter-add (index_put with accumulate); `order` is a permutation, so the backward is a
+    gather through its inverse and a sum over each token's k slots (no atomics, no sort)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return g.index_select(0, inv).view(-1, ctx.k, g.shape[-1]).sum(1), None, None
+
+
 def local_dispatch(
     x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, experts: Experts
 ) -> torch.Tensor:
@@ -35,7 +53,7 @@ def local_dispatch(
     t, k = topk_idx.shape
     flat = topk_idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    y = experts(x[order // k], expert_counts(flat, experts.num_experts))
+    y = experts(_GatherSlots.apply(x, order, k), expert_counts(flat, experts.num_experts))
     y = torch.empty_like(y).index_copy_(0, order, y).view(t, k, -1)
     return (y * topk_w.unsqueeze(-1)).sum(1).to(x.dtype)
 

@@ -128,3 +128,17 @@ def test_out_of_range_ids_error():
     m = JambaForCausalLM(tiny(), seed=0)
     with pytest.raises(ValueError, match="out of range"):
         m(torch.tensor([[1, 200]]))
+
+
+def test_moe_gather_backward_equals_autograd_indexing(seed):
+    from jamba.moe import _GatherSlots
+
+    t, k = 11, 3
+    x = torch.randn(t, 6, dtype=torch.float64, requires_grad=True)
+    order = torch.randperm(t * k)
+    g = torch.randn(t * k, 6, dtype=torch.float64)
+    (ref,) = torch.autograd.grad(x[order // k], x, g)
+    rows = _GatherSlots.apply(x, order, k)
+    torch.testing.assert_close(rows, x[order // k])
+    (got,) = torch.autograd.grad(rows, x, g)
+    torch.testing.assert_close(got, ref)

@@ -60,13 +60,44 @@ def test_compiled_layers_match_eager_and_keep_names():
 def test_compiled_layers_match_eager_gpu():
     torch._dynamo.reset()
     cfg = tiny(hidden_size=64, intermediate_size=128, activation_checkpointing="mamba")
-    a, b = _pair(cfg, cfg, device="cuda")
-    b.compile_layers()
+    ref, eager = _pair(cfg, cfg, device="cuda")
+    compiled = JambaForCausalLM(cfg, seed=0).cuda()
+    compiled.load_state_dict(ref.state_dict())
+    compiled.compile_layers()
     x = torch.randint(0, 97, (2, 257), device="cuda")
+    # fp32: inductor's fused kernels against eager, to rounding
+    o_ref, g_ref = _grads(ref, x)
+    o_c, g_c = _grads(compiled, x)
+    torch.testing.assert_close(o_c.loss, o_ref.loss, rtol=1e-4, atol=1e-4)
+    rel = lambda a, b: float((a - b).norm() / b.norm().clamp(min=1e-8))  # noqa: E731
+    bad = {n: rel(g_c[n], g_ref[n]) for n in g_ref if rel(g_c[n], g_ref[n]) > 1e-3}
+    assert not bad, bad
+    # bf16 autocast (the trainer's recipe): compiled is as close to fp32 as eager is, parameter by parameter
+    # (bf16 rounding alone moves small gradients by percents, so an absolute bound would not tell a bug)
+    for m in (eager, compiled):
+        m.zero_grad(set_to_none=True)
     with torch.autocast("cuda", torch.bfloat16):
-        oa, ga = _grads(a, x)
-        ob, gb = _grads(b, x)
-    torch.testing.assert_close(ob.loss, oa.loss, rtol=2e-2, atol=2e-2)
+        o_e, g_e = _grads(eager, x)
+        o_c, g_c = _grads(compiled, x)
+    assert abs(float(o_c.loss) - float(o_ref.loss)) <= 2 * abs(float(o_e.loss) - float(o_ref.loss)) + 1e-3
+    worse = {
+        n: (rel(g_c[n], g_ref[n]), rel(g_e[n], g_ref[n]))
+        for n in g_ref
+        if rel(g_c[n], g_ref[n]) > 2 * rel(g_e[n], g_ref[n]) + 1e-3
+    }
+    assert not worse, worse
+
+
+@pytest.mark.gpu
+def test_model_with_kernels_matches_reference_path_gpu():
+    # The Mamba mixer hands the kernels channel-major views (no transposing copies): same numbers as the
+    # pure-PyTorch path, fp32, forward and every gradient.
+    cfg = tiny(hidden_size=64, intermediate_size=128)
+    a, b = _pair(cfg.replace(use_kernels=False), cfg, device="cuda")
+    x = torch.randint(0, 97, (3, 130), device="cuda")
+    oa, ga = _grads(a, x)
+    ob, gb = _grads(b, x)
+    torch.testing.assert_close(ob.loss, oa.loss, rtol=1e-4, atol=1e-4)
     for n in ga:
         rel = (gb[n] - ga[n]).norm() / ga[n].norm().clamp(min=1e-8)
-        assert rel < 5e-2, (n, float(rel))
+        assert rel < 1e-3, (n, float(rel))
