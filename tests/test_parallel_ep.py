@@ -75,7 +75,7 @@ def reference(cfg: JambaConfig, stat_groups: list[list[int]]) -> dict:
     return dict(loss=torch.stack(losses).mean(), aux=auxes, grads=grads, norm=norm)
 
 
-def check_ep(ep: int, scope: str = "ep", ckpt: str = "none") -> None:
+def check_ep(ep: int, scope: str = "ep", ckpt: str = "none", compile: bool = False) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = tiny_cfg(activation_checkpointing=ckpt)
     groups = init_process_groups(ep, cfg.num_experts)
@@ -84,6 +84,9 @@ def check_ep(ep: int, scope: str = "ep", ckpt: str = "none") -> None:
 
     model = JambaForCausalLM(cfg, seed=0)
     apply_expert_parallel(model, ep, groups, stats_scope=scope)
+    if compile:  # the trainer compiles on GPU after expert parallelism: dynamo must trace the dispatcher
+        torch._dynamo.reset()
+        model.compile_layers(backend="aot_eager")
     n_local = sum(1 for p in model.parameters() if is_expert_param(p))
     assert n_local == (4 if ep > 1 else 0)
     x, y = batch(rank)
@@ -188,6 +191,7 @@ def run_two_ranks() -> None:
     check_dispatch_edge_cases()
     check_ep(2)
     check_ep(2, ckpt="full")  # recomputation re-runs the all-to-alls inside backward
+    check_ep(2, compile=True)
 
 
 def run_four_ranks() -> None:
@@ -197,9 +201,9 @@ def run_four_ranks() -> None:
     check_ep(1, scope="world")
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(210)
 def test_expert_parallel_two_ranks():
-    run_distributed(run_two_ranks, 2, timeout=120)
+    run_distributed(run_two_ranks, 2, timeout=180)
 
 
 @pytest.mark.timeout(200)
