@@ -177,9 +177,14 @@ class LoggingConfig:
     jsonl: bool = True  # <run_dir>/metrics.jsonl
     expert_load: bool = True  # fraction of tokens per expert per MoE layer
     peak_tflops: float | None = None  # per device, for MFU; None: a known GPU's, or measured GEMM rate on CPU
+    # > 0: rank 0 records this optimizer step with torch.profiler: <run_dir>/profile_step<N>.txt and .json
+    profile_step: int = 0
 
     def validate(self) -> None:
         _need(self.interval >= 1, "logging.interval", "must be >= 1")
+        _need(
+            self.profile_step >= 0, "logging.profile_step", f"must be >= 0 (0: off), got {self.profile_step}"
+        )
 
 
 @dataclass

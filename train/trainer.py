@@ -32,6 +32,7 @@ from .build import (
 from .checkpoint import Checkpointer, read_state
 from .config import Config, SpikePolicy, to_container
 from .optim import lr_multiplier, set_lr
+from .profiling import profile_step
 from .resume import check_compatible, find_checkpoint
 from .spikes import SpikeDetector, is_finite, largest_layer_grad_norm
 from .throughput import flops_per_token, memory_gb, peak_flops
@@ -313,9 +314,14 @@ class Trainer:
             return
         busy, steps, first, evaluated = 0.0, 0, self.step + 1, False
         while self.step < tc.max_steps and not self.stop_requested:
-            t0 = time.perf_counter()
-            m = self.train_step()
-            busy, steps = busy + time.perf_counter() - t0, steps + 1
+            # logging.profile_step: rank 0 records this one step (writing the files is not timed)
+            with profile_step(
+                cfg.logging.profile_step, self.step + 1, self.dist.is_main, self.dist.device, self.run_dir
+            ):
+                t0 = time.perf_counter()
+                m = self.train_step()
+                step_s = time.perf_counter() - t0
+            busy, steps = busy + step_s, steps + 1
             if self.step % cfg.logging.interval == 0 or self.step in (first, tc.max_steps):
                 dt = busy / steps  # time in train steps only (not eval or checkpoints)
                 tps = self.global_batch * cfg.data.seq_len / dt

@@ -1,0 +1,718 @@
+"""The multi-GPU check of issue 8, in one command: run it on a machine with N GPUs of one host (NCCL).
+
+python benchmarks/multi_gpu.py --out runs/multi_gpu            # N = every visible GPU
+python benchmarks/multi_gpu.py --gpus 4 --out runs/mgpu4 --only equivalence,throughput
+python benchmarks/multi_gpu.py --cpu --gpus 2 --out /tmp/mg    # the same orchestration on CPU (gloo), tiny
+
+Steps (each in its own processes, with its own timeout; a failure is a row of the table, the rest goes on):
+  1. equivalence: `torchrun -nproc N` of this file's `--worker equivalence`: a small fp32 Jamba, expert-parallel
+     over the N ranks (EP=N), and data-parallel with every expert on every rank (EP=1), against the unsharded
+     model on the concatenated batch (computed on every rank): loss, aux loss, every gradient, grad norm;
+  2. throughput: the trainer (`torchrun ... -m train`) with `model=bench` on 1 GPU (EP=1) and on N GPUs (EP=N,
+     ZeRO-2), the same micro-batch per GPU; median tokens/s and MFU of the steps after the warm-up; scaling
+     efficiency = tokens/s per GPU on N / tokens/s on 1 (goal >= 90%);
+  3. all-to-all share: the N-GPU run profiles its last step on rank 0 (`logging.profile_step`); the NCCL
+     all-to-all (send/recv) kernels' time against the step's wall time;
+  4. resume: N ranks (EP=N, portable checkpoints) save at step S; N/2 ranks (EP=N/2, gradient accumulation 2:
+     the same global batch) resume from it; their losses against the uninterrupted N-rank run's.
+
+Everything lands in --out: results.json (merged over invocations, so `--only` may split the work across
+commands), multi_gpu.md (the table, also printed), logs/<run>.log, runs/<run>/ (metrics.jsonl, profile).
+Children get NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 (NVLink multicast
+off, always) and TORCH_CUDA_ARCH_LIST=9.0 unless set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+STEPS = ("equivalence", "throughput", "resume")
+EQUIV_TOL = 1e-4  # relative (norm-wise), fp32
+FORCED_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+DEFAULT_ENV = {"TORCH_CUDA_ARCH_LIST": "9.0", "HYDRA_FULL_ERROR": "1", "WANDB_SILENT": "true"}
+OOM_MARKERS = ("out of memory", "outofmemoryerror")
+
+
+# ---- the equivalence worker (one process per rank, under torchrun) ---------------------------------------
+def _rel(a, b) -> float:
+    import torch
+
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp(min=1e-30))
+
+
+def worker_equivalence(out: Path, cpu: bool) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from jamba import JambaConfig, JambaForCausalLM
+    from parallel.data_parallel import allreduce_gradients
+    from parallel.expert_parallel import apply_expert_parallel, gather_expert_grads, is_expert_param
+    from parallel.grad_norm import global_grad_norm
+    from parallel.groups import init_process_groups
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu") if cpu else torch.device("cuda", local)
+    if not cpu:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here (cuDNN's conv default is TF32)
+        torch.backends.cudnn.allow_tf32 = False
+    dist.init_process_group("gloo" if cpu else "nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    E = 2 * world  # every EP size divides it
+    cfg = JambaConfig(
+        vocab_size=256,
+        hidden_size=32 if cpu else 128,
+        intermediate_size=48 if cpu else 256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=E,
+        num_experts_per_tok=2,
+        layer_pattern="M ME * *E",
+        mamba_d_state=8 if cpu else 16,
+        scan_chunk_size=8,
+        router_aux_loss_coef=0.05,
+        router_z_loss_coef=0.01,
+        use_kernels=not cpu,  # mamba-ssm / causal-conv1d where importable
+    )
+    seq = 12 if cpu else 256
+
+    def batch(r: int):
+        g = torch.Generator().manual_seed(1000 + r)
+        x = torch.randint(0, cfg.vocab_size, (2, seq + 1), generator=g)
+        return x[:, :-1].to(device), x[:, 1:].to(device)
+
+    # the reference: one unsharded model on every rank's batch concatenated (one router-statistics group)
+    ref = JambaForCausalLM(cfg, seed=0).to(device)
+    xs, ys = zip(*(batch(r) for r in range(world)), strict=True)
+    r_out = ref(torch.cat(xs), labels=torch.cat(ys))
+    r_out.loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    ref_norm = torch.linalg.vector_norm(torch.stack([g.double().norm() for g in ref_grads.values()]))
+
+    results = {}
+    for ep, scope in ((world, "ep"), (1, "world")):
+        groups = init_process_groups(ep, E)
+        model = JambaForCausalLM(cfg, seed=0)
+        apply_expert_parallel(model, ep, groups, stats_scope=scope)
+        model.to(device)
+        x, y = batch(rank)
+        t0 = time.perf_counter()
+        o = model(x, labels=y)
+        o.loss.backward()
+        allreduce_gradients(model.parameters())
+        loss = o.loss.detach().clone()
+        dist.all_reduce(loss)
+        experts = gather_expert_grads(model, groups)
+        dense = expert = 0.0
+        for n, p in model.named_parameters():
+            if n in experts:
+                expert = max(expert, _rel(experts[n], ref_grads[n]))
+            else:
+                dense = max(dense, _rel(p.grad, ref_grads[n]))
+        norm = global_grad_norm(model.parameters())
+        aux = torch.tensor([_rel(o.aux_loss, r_out.aux_loss)], dtype=torch.float64, device=device)
+        dist.all_reduce(aux, op=dist.ReduceOp.MAX)  # every rank's aux equals the reference's
+        errs = {
+            "loss": _rel(loss / world, r_out.loss),
+            "aux_loss": float(aux),
+            "dense_grads": dense,
+            "expert_grads": expert,
+            "grad_norm": _rel(norm, ref_norm),
+        }
+        results[f"ep{ep}"] = {
+            "ep": ep,
+            "stats_scope": scope,
+            "local_expert_params": sum(1 for p in model.parameters() if is_expert_param(p)),
+            "max_rel_err": errs,
+            "worst": max(errs.values()),
+            "pass": all(math.isfinite(v) and v <= EQUIV_TOL for v in errs.values()),
+            "step_s": time.perf_counter() - t0,
+        }
+        if rank == 0:
+            print(
+                f"equivalence EP={ep} (stats over {scope}): "
+                + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
+            )
+    if rank == 0:
+        res = {
+            "world": world,
+            "num_experts": E,
+            "device": str(device),
+            "tol": EQUIV_TOL,
+            "cases": results,
+            "pass": all(c["pass"] for c in results.values()),
+        }
+        print("EQUIVALENCE", "PASS" if res["pass"] else "FAIL")
+        (out / "equivalence_worker.json").write_text(json.dumps(res, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---- the orchestrator ---------------------------------------------------------------------------------------
+class Runner:
+    """Launch children with a timeout (process group killed on expiry), log every command and its output."""
+
+    def __init__(self, out: Path, cpu: bool) -> None:
+        self.out, self.cpu = out, cpu
+        self.env = {**os.environ, **FORCED_ENV}
+        for k, v in DEFAULT_ENV.items():
+            self.env.setdefault(k, v)
+        if cpu:
+            self.env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        self.commands: list[dict] = []
+
+    def torchrun(self, nproc: int, *args: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *args,
+        ]
+
+    def run(self, name: str, cmd: list[str], timeout: float) -> dict:
+        log = self.out / "logs" / f"{name}.log"
+        t0 = time.monotonic()
+        print(f"[multi_gpu] {name}: {shlex.join(cmd)}", flush=True)
+        with open(log, "w") as f:
+            p = subprocess.Popen(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True
+            )
+            try:
+                rc, timed_out = p.wait(timeout=timeout), False
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)  # the launcher and every rank: one session
+                rc, timed_out = p.wait(), True
+        secs = time.monotonic() - t0
+        text = log.read_text(errors="replace")
+        rec = {
+            "name": name,
+            "cmd": shlex.join(cmd),
+            "rc": rc,
+            "timed_out": timed_out,
+            "seconds": round(secs, 1),
+            "log": str(log.relative_to(self.out)),
+        }
+        self.commands.append(rec)
+        status = "TIMEOUT" if timed_out else f"rc={rc}"
+        print(f"[multi_gpu] {name}: {status} in {secs:.0f} s (log: {log})", flush=True)
+        if rc != 0:
+            print(text[-3000:], flush=True)
+        return {
+            **rec,
+            "ok": rc == 0 and not timed_out,
+            "oom": any(m in text.lower() for m in OOM_MARKERS),
+            "text": text,
+        }
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    from train.metrics import read_jsonl
+
+    path = run_dir / "metrics.jsonl"
+    return read_jsonl(path) if path.exists() else []
+
+
+def _steps(records: list[dict], key: str) -> dict[int, float]:
+    return {r["step"]: float(r[key]) for r in records if key in r and "event" not in r}
+
+
+def _fail(res: dict) -> str:
+    if res.get("timed_out"):
+        return f"timeout after {res['seconds']:.0f} s"
+    if res.get("oom"):
+        return "out of memory"
+    lines = [ln for ln in res.get("text", "").splitlines() if "Error" in ln or "error" in ln]
+    return f"rc={res.get('rc')}" + (f": {lines[-1].strip()[:160]}" if lines else "")
+
+
+class Check:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.out, self.cpu, self.n = args, args.out, args.cpu, args.gpus
+        self.runner = Runner(self.out, self.cpu)
+        self.runs = self.out / "runs"
+
+    # the trainer's overrides shared by every run
+    def base(self, name: str, model: str, seq_len: int) -> list[str]:
+        common = [
+            f"run_dir={self.runs / name}",
+            f"run_name={name}",
+            "logging.interval=1",
+            "logging.wandb.mode=disabled",
+            "trainer.eval_interval=0",
+            "trainer.eval_batches=1",
+            "checkpoint.interval=0",
+            "checkpoint.save_final=false",
+            "parallel=zero2",
+        ]
+        if self.cpu:
+            from train.testing import TINY
+
+            return [*TINY, *common, "parallel.device=cpu", "parallel.backend=gloo"]
+        return [f"model={model}", *common, f"data.seq_len={seq_len}", "parallel.device=cuda"]
+
+    def train(self, name: str, nproc: int, overrides: list[str], timeout: float) -> dict:
+        shutil.rmtree(self.runs / name, ignore_errors=True)
+        last = {o.split("=", 1)[0]: i for i, o in enumerate(overrides)}  # one value per key: the last given
+        overrides = [o for i, o in enumerate(overrides) if last[o.split("=", 1)[0]] == i]
+        res = self.runner.run(name, self.runner.torchrun(nproc, "-m", "train", *overrides), timeout)
+        res["records"] = _metrics(self.runs / name)
+        return res
+
+    def ep_for(self, world: int, model: str) -> int:
+        from jamba import get_preset
+
+        E = 4 if self.cpu else get_preset(model).num_experts  # TINY has 4 experts
+        return math.gcd(world, E)
+
+    # ---- 1 ----
+    def equivalence(self) -> dict:
+        n = self.n
+        if n < 2:
+            return {"status": "SKIP", "detail": "needs >= 2 ranks"}
+        cmd = self.runner.torchrun(
+            n, str(Path(__file__).resolve()), "--worker", "equivalence", "--out", str(self.out)
+        )
+        if self.cpu:
+            cmd.append("--cpu")
+        (self.out / "equivalence_worker.json").unlink(missing_ok=True)
+        res = self.runner.run("equivalence", cmd, self.args.timeout_equivalence)
+        path = self.out / "equivalence_worker.json"
+        if not res["ok"] or not path.exists():
+            return {"status": "FAIL", "detail": _fail(res), "seconds": res["seconds"]}
+        w = json.loads(path.read_text())
+        return {"status": "PASS" if w["pass"] else "FAIL", **w, "seconds": res["seconds"]}
+
+    # ---- 2 and 3 ----
+    def throughput(self) -> dict:
+        a, n = self.args, self.n
+        model = a.model
+        ep = self.ep_for(n, model)
+        steps, warm = a.steps, a.warmup
+        out: dict = {"model": "debug (TINY)" if self.cpu else model, "gpus": n, "ep": ep, "attempts": []}
+        mbs = [2] if self.cpu else a.micro_batch
+        compiles = [a.compile] if a.compile == "none" or self.cpu else [a.compile, "none"]
+        multi = single = None
+        for compile_, mb in [(c, mb) for c in compiles for mb in mbs]:
+            if out["attempts"] and out["attempts"][-1].get("give_up_compile") == compile_:
+                continue  # this compile setting failed for another reason than memory
+            extra = [] if self.cpu else [f"data.micro_batch_size={mb}", f"parallel.compile={compile_}"]
+            attempt: dict = {"micro_batch": mb, "compile": compile_}
+            out["attempts"].append(attempt)
+            multi = single = None
+            if n > 1:
+                ov = [
+                    *self.base(f"throughput_{n}gpu", model, a.seq_len),
+                    *extra,
+                    f"parallel.expert_parallel_size={ep}",
+                    f"trainer.max_steps={steps}",
+                    f"logging.profile_step={steps}",
+                ]
+                multi = self.train(f"throughput_{n}gpu", n, ov, a.timeout_run)
+                attempt["multi"] = "ok" if multi["ok"] else _fail(multi)
+                if not multi["ok"]:
+                    if not multi["oom"]:
+                        attempt["give_up_compile"] = compile_
+                    continue
+            ov = [
+                *self.base("throughput_1gpu", model, a.seq_len),
+                *extra,
+                "parallel.expert_parallel_size=1",
+                f"trainer.max_steps={steps}",
+            ]
+            single = self.train("throughput_1gpu", 1, ov, a.timeout_run)
+            attempt["single"] = "ok" if single["ok"] else _fail(single)
+            if single["ok"] or not single["oom"]:
+                break
+        attempt = out["attempts"][-1]
+        if single is None:  # the N-GPU run failed every way: the 1-GPU figure is still worth having
+            ov = [
+                *self.base("throughput_1gpu", model, a.seq_len),
+                *([] if self.cpu else [f"data.micro_batch_size={attempt['micro_batch']}"]),
+                *([] if self.cpu else [f"parallel.compile={attempt['compile']}"]),
+                "parallel.expert_parallel_size=1",
+                f"trainer.max_steps={steps}",
+            ]
+            single = self.train("throughput_1gpu", 1, ov, a.timeout_run)
+            attempt["single"] = "ok" if single["ok"] else _fail(single)
+        out.update(
+            micro_batch=attempt["micro_batch"],
+            compile=attempt["compile"],
+            seq_len=32 if self.cpu else a.seq_len,
+        )
+
+        def summary(res: dict | None, world: int, skip: set[int]) -> dict:
+            if res is None:
+                return {"status": "SKIP", "detail": "not run"}
+            if not res["ok"]:
+                return {"status": "FAIL", "detail": _fail(res)}
+            recs = [r for r in res["records"] if "perf/tokens_per_s" in r and "event" not in r]
+            use = [r for r in recs if r["step"] > warm and r["step"] not in skip] or recs[-1:]
+            if not use:
+                return {"status": "FAIL", "detail": "no perf records in metrics.jsonl"}
+            tps = statistics.median(r["perf/tokens_per_s"] for r in use)
+            mfu = [r["perf/mfu"] for r in use if "perf/mfu" in r]
+            mem = [r.get("mem/peak_allocated_gb", r.get("mem/peak_rss_gb")) for r in use]
+            mem = [m for m in mem if m is not None]
+            return {
+                "status": "OK",
+                "steps_used": [r["step"] for r in use],
+                "tokens_per_s": tps,
+                "tokens_per_s_per_gpu": tps / world,
+                "mfu": statistics.median(mfu) if mfu else None,
+                "step_time_s": statistics.median(r["perf/step_time_s"] for r in use),
+                "peak_mem_gb": max(mem) if mem else None,
+                "final_loss": use[-1].get("train/loss"),
+            }
+
+        out["single"] = summary(single, 1, set())
+        out["multi"] = summary(multi, n, {steps})
+        s, m = out["single"], out["multi"]
+        if s["status"] == "OK" and m["status"] == "OK":
+            out["scaling_efficiency"] = m["tokens_per_s_per_gpu"] / s["tokens_per_s"]
+        # 3: the all-to-all share of the profiled step
+        trace = self.runs / f"throughput_{n}gpu" / f"profile_step{steps}.json"
+        if n < 2:
+            out["profile"] = {"status": "SKIP", "detail": "no all-to-all on one GPU"}
+        elif trace.exists():
+            from train.profiling import collective_share
+
+            out["profile"] = {
+                "status": "OK",
+                "step": steps,
+                "trace": str(trace.relative_to(self.out)),
+                **collective_share(trace),
+            }
+        else:
+            out["profile"] = {
+                "status": "FAIL",
+                "detail": f"no {trace.name} ({m.get('detail', 'run failed')})",
+            }
+        return out
+
+    # ---- 4 ----
+    def resume(self) -> dict:
+        a, n = self.args, self.n
+        if n < 2 or n % 2:
+            return {"status": "SKIP", "detail": f"needs an even number of ranks, got {n}"}
+        model, half = a.resume_model, n // 2
+        S, M = (2, 2) if self.cpu else (a.resume_save_at, a.resume_steps)
+        ep_n, ep_h = self.ep_for(n, model), self.ep_for(half, model)
+        common = ["checkpoint.portable=true", f"trainer.max_steps={S + M}"]
+        if not self.cpu:
+            common += [
+                f"data.micro_batch_size={a.resume_micro_batch}",
+                "parallel.precision=fp32",
+                "parallel.compile=none",
+            ]
+        ref = self.train(
+            f"resume_ref_{n}gpu",
+            n,
+            [
+                *self.base(f"resume_ref_{n}gpu", model, a.resume_seq_len),
+                *common,
+                f"parallel.expert_parallel_size={ep_n}",
+                f"checkpoint.interval={S}",
+            ],
+            a.timeout_run,
+        )
+        out = {
+            "model": "debug (TINY)" if self.cpu else model,
+            "save_at": S,
+            "ep": [ep_n, ep_h],
+            "ranks": [n, half],
+        }
+        ckpt = self.runs / f"resume_ref_{n}gpu" / "checkpoints" / f"step_{S:08d}"
+        if not ref["ok"] or not (ckpt / "portable").is_dir():
+            return {
+                **out,
+                "status": "FAIL",
+                "detail": f"{n}-rank run: "
+                + (_fail(ref) if not ref["ok"] else f"no portable checkpoint {ckpt}"),
+            }
+        got = self.train(
+            f"resume_{half}gpu",
+            half,
+            [
+                *self.base(f"resume_{half}gpu", model, a.resume_seq_len),
+                *common,
+                f"parallel.expert_parallel_size={ep_h}",
+                "trainer.grad_accum_steps=2",
+                f"resume={ckpt}",
+            ],
+            a.timeout_run,
+        )
+        if not got["ok"]:
+            return {**out, "status": "FAIL", "detail": f"{half}-rank resume: {_fail(got)}"}
+        want, have = _steps(ref["records"], "train/loss"), _steps(got["records"], "train/loss")
+        want_lm, have_lm = _steps(ref["records"], "train/lm_loss"), _steps(got["records"], "train/lm_loss")
+        compare = list(range(S + 1, S + M + 1))
+        if sorted(have) != compare or not all(s in want for s in compare):
+            return {
+                **out,
+                "status": "FAIL",
+                "detail": f"steps logged after the resume {sorted(have)}, want {compare}",
+            }
+        diff = max(abs(have[s] - want[s]) for s in compare)
+        diff_lm = max(abs(have_lm[s] - want_lm[s]) for s in compare if s in have_lm and s in want_lm)
+        tol = 1e-5 if self.cpu else a.resume_tol
+        return {
+            **out,
+            "status": "PASS" if diff <= tol else "FAIL",
+            "steps": compare,
+            "loss_ref": [want[s] for s in compare],
+            "loss_resumed": [have[s] for s in compare],
+            "max_abs_diff": diff,
+            "max_abs_diff_lm": diff_lm,
+            "tol": tol,
+            "portable_state_used": "portable state" in got["text"],
+        }
+
+
+# ---- report ---------------------------------------------------------------------------------------------------
+def environment(cpu: bool, n: int) -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    env = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("deepspeed", "mamba-ssm", "causal-conv1d", "grouped_gemm", "transformers"):
+        try:
+            env[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            env[pkg] = "-"
+    if not cpu and torch.cuda.is_available():
+        env["gpu"] = f"{torch.cuda.get_device_name(0)} x {n} (of {torch.cuda.device_count()} visible)"
+        env["cuda"] = torch.version.cuda
+        try:
+            env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except Exception as e:  # noqa: BLE001 - informative only
+            env["nccl"] = f"? ({e})"
+        try:
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.split()[0]
+        except Exception:  # noqa: BLE001
+            env["driver"] = "?"
+    else:
+        env["gpu"] = f"none: CPU mode, {n} gloo ranks"
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        env["commit"] = head + (" (+ local changes)" if dirty else "")
+    except OSError:
+        env["commit"] = "?"
+    env["env"] = {
+        k: os.environ.get(k, v) if k not in FORCED_ENV else v
+        for k, v in {**FORCED_ENV, **DEFAULT_ENV}.items()
+    }
+    return env
+
+
+def _f(v, fmt: str = "{:.3g}") -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
+
+
+def _k(v) -> str:
+    return "-" if v is None else f"{v / 1e3:,.1f}k" if v >= 1e4 else f"{v:,.0f}"
+
+
+def table(results: dict) -> str:
+    env, n = results.get("environment", {}), results.get("gpus")
+    gpu = "rank" if results.get("cpu") else "GPU"  # --cpu: gloo ranks stand in for GPUs
+    lines = [
+        f"# Multi-GPU check (issue 8): {n} {'CPU ranks' if results.get('cpu') else 'GPUs'}",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M')}; " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "env"),
+        "",
+        "Child environment: " + " ".join(f"{k}={v}" for k, v in env.get("env", {}).items()),
+        "",
+        "| # | check | result | detail |",
+        "| --- | --- | --- | --- |",
+    ]
+    row = lines.append
+    eq = results.get("equivalence")
+    if eq:
+        if "cases" in eq:
+            for c in eq["cases"].values():
+                errs = ", ".join(f"{k} {v:.1e}" for k, v in c["max_rel_err"].items())
+                what = f"EP={c['ep']} over {eq['world']} ranks vs unsharded model, fp32 ({eq['device'].split(':')[0]})"
+                row(
+                    f"| 1 | equivalence {what} | {'PASS' if c['pass'] else 'FAIL'} | max rel. err (tol {eq['tol']:.0e}): {errs} |"
+                )
+        else:
+            row(f"| 1 | equivalence EP=1 vs EP={n} | {eq['status']} | {eq.get('detail', '')} |")
+    tp = results.get("throughput")
+    if tp:
+        shape = f"{tp.get('micro_batch')}x{tp.get('seq_len')}/{gpu}, compile={tp.get('compile')}"
+        for key, label in (
+            ("single", f"1 {gpu}, EP=1"),
+            ("multi", f"{tp['gpus']} {gpu}s, EP={tp['ep']}, ZeRO-2"),
+        ):
+            s = tp.get(key, {})
+            if s.get("status") == "OK":
+                detail = (
+                    f"MFU {_f(s['mfu'] and 100 * s['mfu'], '{:.1f}')}%, step {_f(s['step_time_s'] * 1e3, '{:.0f}')} ms, "
+                    f"peak mem {_f(s['peak_mem_gb'], '{:.1f}')} GB, total {_k(s['tokens_per_s'])} tokens/s, "
+                    f"median of steps {s['steps_used'][0]}-{s['steps_used'][-1]}"
+                )
+                row(
+                    f"| 2 | throughput {tp['model']} {shape}, {label} | {_k(s['tokens_per_s_per_gpu'])} tokens/s/{gpu} | {detail} |"
+                )
+            else:
+                row(
+                    f"| 2 | throughput {tp['model']} {shape}, {label} | {s.get('status')} | {s.get('detail', '')} |"
+                )
+        if len(tp.get("attempts", [])) > 1:
+            tried = "; ".join(", ".join(f"{k} {v}" for k, v in t.items()) for t in tp["attempts"])
+            row(
+                f"| 2 | throughput attempts (out of memory: next micro-batch; other failure: compile=none) | - | {tried} |"
+            )
+        eff = tp.get("scaling_efficiency")
+        verdict = "-" if eff is None else f"{100 * eff:.1f}%"
+        row(
+            f"| 2 | scaling efficiency (tokens/s/{gpu} on {tp['gpus']} / on 1; goal >= 90%) | {verdict} | "
+            + ("" if eff is None else ("meets the goal" if eff >= 0.9 else "below the goal"))
+            + " |"
+        )
+        p = tp.get("profile", {})
+        if p.get("status") == "OK":
+            detail = (
+                f"{p['all_to_all_ms']:.1f} ms in {p['all_to_all_events']} all-to-all {p['source']} of a "
+                f"{p['step_ms']:.1f} ms step (rank 0, step {p['step']}, profiled); all collectives "
+                f"{100 * p['collectives_share']:.1f}%; trace {p['trace']}"
+            )
+            row(f"| 3 | all-to-all share of the step | {100 * p['all_to_all_share']:.2f}% | {detail} |")
+        else:
+            row(f"| 3 | all-to-all share of the step | {p.get('status', '-')} | {p.get('detail', '')} |")
+    rs = results.get("resume")
+    if rs:
+        if "max_abs_diff" in rs:
+            pairs = ", ".join(
+                f"{a:.6f}/{b:.6f}" for a, b in zip(rs["loss_ref"], rs["loss_resumed"], strict=True)
+            )
+            detail = (
+                f"{rs['model']}: save at step {rs['save_at']} on {rs['ranks'][0]} ranks (EP={rs['ep'][0]}), resume on "
+                f"{rs['ranks'][1]} (EP={rs['ep'][1]}, grad accum 2); steps {rs['steps'][0]}-{rs['steps'][-1]} loss "
+                f"uninterrupted/resumed {pairs}; max abs diff {rs['max_abs_diff']:.1e} (lm loss "
+                f"{rs['max_abs_diff_lm']:.1e}, tol {rs['tol']:.0e}); optimizer states from the portable state: "
+                f"{'yes' if rs['portable_state_used'] else 'no'}"
+            )
+        else:
+            detail = rs.get("detail", "")
+        row(f"| 4 | save on {n}, resume on {max(1, (n or 2) // 2)} | {rs['status']} | {detail} |")
+    lines += ["", "## Commands", "", "| step | seconds | exit | command (log) |", "| --- | --- | --- | --- |"]
+    for c in results.get("commands", []):
+        ex = "timeout" if c["timed_out"] else str(c["rc"])
+        lines.append(f"| {c['name']} | {c['seconds']:.0f} | {ex} | `{c['cmd']}` ({c['log']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpus", type=int, default=None, help="N (default: every visible GPU)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "multi_gpu")
+    ap.add_argument("--cpu", action="store_true", help="gloo on CPU, tiny model: tests the orchestration")
+    ap.add_argument("--only", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    ap.add_argument("--model", default="bench", help="throughput preset")
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--micro-batch", default="4,2", help="per GPU; the next one after an out-of-memory")
+    ap.add_argument("--compile", default="auto", choices=["auto", "layers", "none"])
+    ap.add_argument("--steps", type=int, default=None, help="throughput steps (default 20; CPU 5)")
+    ap.add_argument(
+        "--warmup", type=int, default=None, help="steps left out of the median (default 5; CPU 1)"
+    )
+    ap.add_argument("--resume-model", default="bench-426m")
+    ap.add_argument("--resume-seq-len", type=int, default=1024)
+    ap.add_argument("--resume-micro-batch", type=int, default=2)
+    ap.add_argument("--resume-save-at", type=int, default=3)
+    ap.add_argument("--resume-steps", type=int, default=2, help="steps compared after the resume (< save-at)")
+    ap.add_argument("--resume-tol", type=float, default=1e-3, help="max abs loss difference on GPU (fp32)")
+    ap.add_argument("--timeout-equivalence", type=float, default=None, help="seconds (default 600; CPU 180)")
+    ap.add_argument(
+        "--timeout-run", type=float, default=None, help="seconds per trainer launch (default 900; CPU 240)"
+    )
+    ap.add_argument("--worker", choices=["equivalence"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.out = args.out.absolute()
+    if args.worker == "equivalence":
+        worker_equivalence(args.out, args.cpu)
+        return 0
+    if args.cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+
+    if args.gpus is None:
+        args.gpus = 2 if args.cpu else torch.cuda.device_count()
+    if not args.cpu and (args.gpus < 1 or args.gpus > torch.cuda.device_count()):
+        ap.error(
+            f"--gpus {args.gpus}: {torch.cuda.device_count()} CUDA GPUs visible (use --cpu to try on CPU)"
+        )
+    args.micro_batch = [int(x) for x in str(args.micro_batch).split(",") if x]
+    args.steps = args.steps or (5 if args.cpu else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.cpu else 5)
+    args.timeout_equivalence = args.timeout_equivalence or (180 if args.cpu else 600)
+    args.timeout_run = args.timeout_run or (240 if args.cpu else 900)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if bad := [s for s in only if s not in STEPS]:
+        ap.error(f"--only: unknown {bad}; choose from {STEPS}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if results.get("gpus") not in (None, args.gpus) or results.get("cpu", args.cpu) != args.cpu:
+        results = {}  # another layout: start over
+    results.update(gpus=args.gpus, cpu=args.cpu, environment=environment(args.cpu, args.gpus))
+    commands = {c["name"]: c for c in results.get("commands", [])}
+    check = Check(args)
+    if any(s in only for s in ("throughput", "resume")):
+        from data import DataConfig, ensure_builtin_corpus
+
+        t0 = time.monotonic()
+        ensure_builtin_corpus(str(ROOT / DataConfig().path))  # once, before any timed launch
+        print(f"[multi_gpu] built-in corpus ready ({time.monotonic() - t0:.0f} s)", flush=True)
+    for step in only:
+        t0 = time.monotonic()
+        try:
+            results[step] = getattr(check, step)()
+        except Exception as e:  # noqa: BLE001 - a bug in one step must not lose the others
+            results[step] = {"status": "FAIL", "detail": f"{type(e).__name__}: {e}"}
+        results[step]["wall_s"] = round(time.monotonic() - t0, 1)
+        commands.update({c["name"]: c for c in check.runner.commands})
+        results["commands"] = list(commands.values())
+        results_path.write_text(json.dumps(results, indent=1, default=str))
+        (args.out / "multi_gpu.md").write_text(table(results))
+    md = table(results)
+    (args.out / "multi_gpu.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
