@@ -13,7 +13,7 @@ Implementations (--which):
   ...-bf16      (suffix) hf's recipe (DeepSpeed bf16 mode) for our model, to separate model from recipe.
 All: torch fused AdamW (client optimizer, so no JIT build), clipping 1.0, the same weights and batches.
 A spec ending in :ckpt turns on full activation checkpointing; :key=value sets a runtime field of our model
-(e.g. :ff_chunk_size=16384). Checks that the step-0 losses agree (1e-2 relative),
+(e.g. :ff_chunk_size=16384 or :residual_in_fp32=false). Checks that the step-0 losses agree (1e-2 relative),
 then prints: ms/step, tokens/s, MFU (6N: 6 x active matmul params, the issue's convention; and all FLOPs incl. attention and scan,
 from jamba.counting; 989 TFLOP/s dense bf16 peak), peak memory.
 """
@@ -38,6 +38,13 @@ from jamba.hf_compat import config_to_hf, load_hf_state_dict
 from jamba.scan import kernels_available
 
 PEAK = 989e12
+
+
+def _value(v: str):
+    """A spec's field value: true/false, an int, or the string."""
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return int(v) if v.lstrip("-").isdigit() else v
 
 
 def flags(which: str) -> set[str]:
@@ -159,7 +166,7 @@ def measure(spec: str, which: str, steps: int) -> dict:
     cfg = get_preset(preset)
     extra = dict(kv.split("=") for kv in rest if "=" in kv)
     if extra and which.startswith("ours"):
-        cfg = cfg.replace(**{k: int(v) for k, v in extra.items()})
+        cfg = cfg.replace(**{k: _value(v) for k, v in extra.items()})
     sd = None
     if which.startswith("ours"):  # the same weights as transformers' model: same seed, same init, then copied
         ref = build_hf(cfg, False)
@@ -186,6 +193,7 @@ def main() -> None:
         "--which", default="hf,ours,ours-compile", help="comma list: hf, ours, ours-compile, ours-bf16"
     )
     ap.add_argument("--out", default=None)
+    ap.add_argument("--timeout", type=int, default=420, help="seconds per (config, implementation) run")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: spec,which
     args = ap.parse_args()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
@@ -224,14 +232,20 @@ def main() -> None:
         fl = flops_per_token(get_preset(preset), s)
         losses, res = {}, {}
         for which in (only or args.which).split(","):
-            proc = subprocess.run(
-                [sys.executable, __file__, "--one", f"{spec},{which}", "--steps", str(args.steps)],
-                capture_output=True,
-                text=True,
-            )
-            got = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             label = f"| {' '.join([preset, *rest])} | {b}x{s} | {which} |"
-            if not got:
+            try:
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--one", f"{spec},{which}", "--steps", str(args.steps)],
+                    capture_output=True,
+                    text=True,
+                    timeout=args.timeout,
+                )
+            except subprocess.TimeoutExpired:
+                proc = None
+            got = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")] if proc else []
+            if proc is None:
+                row = f"{label} TIMEOUT after {args.timeout} s | | | | | |"
+            elif not got:
                 row = f"{label} ERROR rc={proc.returncode}: {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ''} | | | | | |"
             else:
                 r = json.loads(got[0][7:])
@@ -246,6 +260,7 @@ def main() -> None:
                     )
             lines.append(row)
             print(row, flush=True)
+            write_out(args.out, lines)  # what is measured survives a killed command
         for which in losses:
             if which == "hf" or "hf" not in losses:
                 continue
@@ -256,8 +271,12 @@ def main() -> None:
             )
             lines.append(line)
             print(line, flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
+    write_out(args.out, lines)
+
+
+def write_out(path: str | None, lines: list[str]) -> None:
+    if path:
+        with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
 
 

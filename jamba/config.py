@@ -64,6 +64,10 @@ class JambaConfig:
     # Tokens per feed-forward chunk when training (0: all at once). Long contexts: the MoE's [tokens*k, 2F]
     # intermediates of one chunk live at a time (each chunk is recomputed in backward). Exact.
     ff_chunk_size: int = 0
+    # Under autocast (fp32 weights) the residual stream is fp32, as mamba-ssm's residual_in_fp32. False keeps it
+    # in the autocast dtype (bf16, as Megatron's default and transformers in bf16): half the memory of the
+    # checkpointed layer inputs, which is what grows with context length. No effect without autocast.
+    residual_in_fp32: bool = True
     extra: dict = field(default_factory=dict)  # free-form notes (preset name, ...), never read by the model
 
     def __post_init__(self) -> None:

@@ -47,13 +47,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
         mixer = self.self_attn if self.kind == "attention" else self.mamba
-        x = x + mixer(self.input_layernorm(x))
+        # branch outputs join the residual stream in its dtype (fp32, or bf16 with residual_in_fp32=False)
+        x = x + mixer(self.input_layernorm(x)).to(x.dtype)
         stats = None
         if self.is_moe:
             y, stats = self.feed_forward(self.pre_ff_layernorm(x))
         else:
             y = self.feed_forward(self.pre_ff_layernorm(x))
-        return x + y, stats
+        return x + y.to(x.dtype), stats
 
 
 class JambaModel(nn.Module):
@@ -63,6 +64,7 @@ class JambaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.checkpointing = cfg.activation_checkpointing
+        self.residual_in_fp32 = cfg.residual_in_fp32
 
     def _checkpointed(self, layer: DecoderLayer) -> bool:
         c = self.checkpointing
@@ -75,6 +77,9 @@ class JambaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
         x = self.embed_tokens(input_ids)
+        dev = x.device.type
+        if not self.residual_in_fp32 and torch.is_autocast_enabled(dev):
+            x = x.to(torch.get_autocast_dtype(dev))  # every residual add then stays in that dtype
         all_stats = []
         for layer in self.layers:
             if self.training and torch.is_grad_enabled() and self._checkpointed(layer):

@@ -101,3 +101,21 @@ def test_model_with_kernels_matches_reference_path_gpu():
     for n in ga:
         rel = (gb[n] - ga[n]).norm() / ga[n].norm().clamp(min=1e-8)
         assert rel < 1e-3, (n, float(rel))
+
+
+def test_residual_dtype_under_autocast():
+    # residual_in_fp32=False: the stream (and so every checkpointed layer input) is bf16 under autocast
+    seen = {}
+    for flag in (True, False):
+        m = JambaForCausalLM(tiny(residual_in_fp32=flag), seed=0)
+        dtypes = []
+        for layer in m.model.layers:
+            layer.register_forward_pre_hook(lambda mod, args, d=dtypes: d.append(args[0].dtype))
+        x = torch.randint(0, 97, (2, 17))
+        with torch.autocast("cpu", torch.bfloat16):
+            out = m(x[:, :-1], labels=x[:, 1:])
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+        seen[flag] = (set(dtypes), float(out.lm_loss))
+    assert seen[True][0] == {torch.float32} and seen[False][0] == {torch.bfloat16}
+    assert abs(seen[True][1] - seen[False][1]) < 5e-2 * abs(seen[True][1])
