@@ -60,6 +60,8 @@ class JambaConfig:
     activation_checkpointing: str = "none"
     use_kernels: bool = True  # fast GPU kernels when importable; pure PyTorch otherwise
     scan_chunk_size: int = 16  # chunk length of the CPU selective scan
+    # tokens per block of the PyTorch scan (no mamba-ssm): bounds its [b, block, d_inner, d_state] fp32 tensors
+    scan_block_size: int = 512
     loss_chunk_size: int = 4096  # tokens per chunk of the cross-entropy (never full-vocab logits for all)
     # Tokens per feed-forward chunk when training (0: all at once). Long contexts: the MoE's [tokens*k, 2F]
     # intermediates of one chunk live at a time (each chunk is recomputed in backward). Exact.
@@ -96,6 +98,7 @@ class JambaConfig:
             "attn_layer_period",
             "expert_layer_period",
             "scan_chunk_size",
+            "scan_block_size",
             "loss_chunk_size",
         ):
             v = getattr(self, name)

@@ -37,7 +37,7 @@ class MambaMixer(nn.Module):
         self.b_layernorm = RMSNorm(n, eps=cfg.rms_norm_eps)
         self.c_layernorm = RMSNorm(n, eps=cfg.rms_norm_eps)
         self.use_kernels = cfg.use_kernels
-        self.scan_chunk = cfg.scan_chunk_size
+        self.scan_chunk, self.scan_block = cfg.scan_chunk_size, cfg.scan_block_size
         for p in (self.A_log, self.D, self.dt_proj.bias):
             p._no_weight_decay = True  # read by the optimizer's param groups
             p._keep_fp32 = True
@@ -70,6 +70,7 @@ class MambaMixer(nn.Module):
             delta_softplus=True,
             use_kernel=self.use_kernels,
             chunk_size=self.scan_chunk,
+            block_size=self.scan_block,
         )
         # y is in u's dtype: x's, or bf16 under autocast (no fp32 round trip before out_proj)
         return self.out_proj(y.transpose(1, 2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 try:  # mamba-ssm and causal-conv1d: CUDA only, optional
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_scan
@@ -135,6 +136,47 @@ def selective_scan_chunked(
     return (y, hs[:, -1]) if return_last_state else y
 
 
+def _scan_block(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus: bool, chunk_size: int):
+    """One block of the chunked scan, starting from state h0 [b, d, n]; returns (y, last state)."""
+    dA, dBu = _discretize(u, delta, A, B, delta_bias, delta_softplus)
+    dBu = torch.cat([dBu[:, :1] + dA[:, :1] * h0.unsqueeze(1), dBu[:, 1:]], dim=1)  # h_{-1} = h0
+    hs = _LinearRecurrence.apply(dA, dBu, chunk_size)
+    return _finish(hs, u, C, D, z, u.dtype), hs[:, -1].clone()  # a view would keep all of hs alive
+
+
+def selective_scan_blocked(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    chunk_size: int = 16,
+    block_size: int = 512,
+):
+    """The chunked scan over blocks of `block_size` tokens, the state carried from block to block and each
+    block recomputed in backward: memory O(b * block * d * n) instead of O(b * L * d * n) (the fallback for
+    long sequences, and for GPUs without mamba-ssm). Exact: the same recurrence."""
+    L = u.shape[-1]
+    h = torch.zeros(u.shape[0], u.shape[1], A.shape[1], device=u.device, dtype=torch.float32)
+    ys = []
+    for s in range(0, L, block_size):
+        sl = slice(s, s + block_size)
+        args = (u[..., sl], delta[..., sl], A, B[..., sl], C[..., sl], D, None if z is None else z[..., sl])
+        args += (delta_bias, h, delta_softplus, chunk_size)
+        if torch.is_grad_enabled():
+            y, h = checkpoint(_scan_block, *args, use_reentrant=False)
+        else:
+            y, h = _scan_block(*args)
+        ys.append(y)
+    y = torch.cat(ys, dim=-1)
+    return (y, h) if return_last_state else y
+
+
 def selective_scan(
     u,
     delta,
@@ -147,10 +189,16 @@ def selective_scan(
     delta_softplus=True,
     use_kernel: bool = True,
     chunk_size: int = 16,
+    block_size: int = 512,
 ):
-    """Dispatch: mamba-ssm's fused CUDA scan when importable and on GPU, else the chunked scan."""
+    """Dispatch: mamba-ssm's fused CUDA scan when importable and on GPU, else the chunked scan (in blocks of
+    block_size tokens when the sequence is longer)."""
     if use_kernel and _mamba_scan is not None and u.is_cuda:
         return _mamba_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if u.shape[-1] > block_size:
+        return selective_scan_blocked(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size=chunk_size, block_size=block_size
+        )
     return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size=chunk_size)
 
 

@@ -119,3 +119,14 @@ def test_residual_dtype_under_autocast():
         seen[flag] = (set(dtypes), float(out.lm_loss))
     assert seen[True][0] == {torch.float32} and seen[False][0] == {torch.bfloat16}
     assert abs(seen[True][1] - seen[False][1]) < 5e-2 * abs(seen[True][1])
+
+
+def test_blocked_scan_in_the_model_is_exact():
+    # scan_block_size shorter than the sequence: the PyTorch scan runs in blocks (bounded memory), same numbers
+    a, b = _pair(tiny(), tiny(scan_block_size=6))
+    x = torch.randint(0, 97, (2, 21))
+    oa, ga = _grads(a, x)
+    ob, gb = _grads(b, x)
+    torch.testing.assert_close(ob.loss, oa.loss, rtol=1e-6, atol=1e-6)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6, msg=n)
