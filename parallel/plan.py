@@ -107,7 +107,16 @@ def format_plan(
 
     row(f"weights ({wb} B/param)", est.weights)
     row(f"gradients ({wb} B/param)", est.grads)
-    row("optimizer (12 B/param)", est.optimizer, "fp32 master + Adam exp_avg, exp_avg_sq")
+    if zero == 0 and precision != "bf16":
+        row(
+            "optimizer (8 B/param)",
+            est.optimizer,
+            "Adam exp_avg, exp_avg_sq (the fp32 weights are the masters)",
+        )
+    else:
+        row("optimizer (12 B/param)", est.optimizer, "fp32 master + Adam exp_avg, exp_avg_sq")
+    if est.cast_copies:
+        row("bf16 weight copies (2 B/param)", est.cast_copies, "autocast: saved by autograd for backward")
     if est.buckets:
         row("ZeRO buckets", est.buckets, f"reduce + all-gather, {bucket_elems:.0e} elements each")
     row("= model states", est.model_states)
@@ -144,7 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="jamba-v0.1", help=f"a preset: {', '.join(sorted(PRESETS))}")
     ap.add_argument("--world-size", type=int, required=True)
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel size")
-    ap.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3))
+    ap.add_argument(
+        "--zero",
+        type=int,
+        default=None,
+        choices=(0, 1, 2, 3),
+        help="default: what train/ runs, 0 on one GPU (nothing to partition), else 1",
+    )
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--act-ckpt", default="none", choices=CHECKPOINT_CHOICES)
@@ -167,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 a.model,
                 a.world_size,
                 a.ep,
-                a.zero,
+                a.zero if a.zero is not None else (0 if a.world_size == 1 else 1),
                 a.micro_batch,
                 a.seq_len,
                 a.act_ckpt,

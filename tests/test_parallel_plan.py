@@ -85,3 +85,17 @@ def test_cli_runs_on_the_debug_preset(capsys):
     )
     out = capsys.readouterr().out
     assert "experts per rank: 2 of 4" in out and "ZeRO-2 partitions optimizer states + gradients" in out
+
+
+def test_single_gpu_plan_is_the_trainers_stage_0(capsys):
+    # one rank: train/ runs a plain engine (stage 0), so no fp32 master clone: Adam moments only (8 B/param),
+    # plus autocast's bf16 weight copies (2 B/param)
+    cfg = get_preset("bench")
+    c = count_params(cfg)
+    z0 = estimate_memory(cfg, c, 1, 1, 0, 4, 4096, precision="autocast", bucket_elems=0)
+    z1 = estimate_memory(cfg, c, 1, 1, 1, 4, 4096, precision="autocast", bucket_elems=0)
+    assert z0.optimizer == 8 * c.total and z1.optimizer == 12 * c.total
+    assert z0.cast_copies == 2 * c.total
+    assert main(["--model", "bench", "--world-size", "1", "--micro-batch", "4", "--seq-len", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "ZeRO-0" in out and "optimizer (8 B/param)" in out and "bf16 weight copies" in out
