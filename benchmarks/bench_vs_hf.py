@@ -7,7 +7,7 @@ Implementations (--which):
                 mode: bf16 weights, fp32 master weights in the ZeRO-1 optimizer;
   ours          our model as `python -m train` runs it on one GPU, with parallel.compile=none: DeepSpeed
                 torch_autocast (fp32 weights = masters, fp32 optimizer states, bf16 matmuls), our optimizer param
-                groups, ZeRO stage 0 (one rank: nothing to partition; see train.build.zero_stage_for);
+                groups, ZeRO stage 0 (one rank: nothing to partition; see parallel.zero.effective_zero_stage);
   ours-compile  the same with torch.compile of every decoder layer: the trainer's default on a GPU;
   ...-z1        (suffix) ZeRO-1 instead of stage 0, which keeps a second fp32 copy of the weights;
   ...-bf16      (suffix) hf's recipe (DeepSpeed bf16 mode) for our model, to separate model from recipe.
@@ -55,12 +55,12 @@ def flags(which: str) -> set[str]:
 def ds_config(micro_batch: int, which: str) -> dict:
     f = flags(which)
     if "ours" in f and "bf16" not in f:  # the trainer's own config builder
-        from parallel.zero import deepspeed_config
+        from parallel.zero import deepspeed_config, effective_zero_stage
 
-        # as train.build.zero_stage_for: a single rank runs stage 0 (z1 forces ZeRO-1, for comparison)
-        single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        # as the trainer: stage 0 on a single rank (z1 forces ZeRO-1, for comparison)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg = deepspeed_config(
-            zero_stage=0 if single and "z1" not in f else 1,
+            zero_stage=1 if "z1" in f else effective_zero_stage(1, world),
             micro_batch_size=micro_batch,
             grad_accum_steps=1,
             grad_clip=1.0,

@@ -5,7 +5,7 @@ python benchmarks/multi_gpu.py --gpus 4 --out runs/mgpu4 --only equivalence,thro
 python benchmarks/multi_gpu.py --cpu --gpus 2 --out /tmp/mg    # the same orchestration on CPU (gloo), tiny
 
 Steps (each in its own processes, with its own timeout; a failure is a row of the table, the rest goes on):
-  1. equivalence: `torchrun -nproc N` of this file's `--worker equivalence`: a small fp32 Jamba, expert-parallel
+  1. equivalence: `torchrun -nproc N benchmarks/ep_equivalence.py`: a small fp32 Jamba, expert-parallel
      over the N ranks (EP=N), and data-parallel with every expert on every rank (EP=1), against the unsharded
      model on the concatenated batch (computed on every rank): loss, aux loss, every gradient, grad norm;
   2. throughput: the trainer (`torchrun ... -m train`) with `model=bench` on 1 GPU (EP=1) and on N GPUs (EP=N,
@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -38,132 +37,16 @@ import sys
 import time
 from pathlib import Path
 
+from multi_gpu_report import environment, table  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 STEPS = ("equivalence", "throughput", "resume")
-EQUIV_TOL = 1e-4  # relative (norm-wise), fp32
 FORCED_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DEFAULT_ENV = {"TORCH_CUDA_ARCH_LIST": "9.0", "HYDRA_FULL_ERROR": "1", "WANDB_SILENT": "true"}
 OOM_MARKERS = ("out of memory", "outofmemoryerror")
-
-
-# ---- the equivalence worker (one process per rank, under torchrun) ---------------------------------------
-def _rel(a, b) -> float:
-    import torch
-
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp(min=1e-30))
-
-
-def worker_equivalence(out: Path, cpu: bool) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from jamba import JambaConfig, JambaForCausalLM
-    from parallel.data_parallel import allreduce_gradients
-    from parallel.expert_parallel import apply_expert_parallel, gather_expert_grads, is_expert_param
-    from parallel.grad_norm import global_grad_norm
-    from parallel.groups import init_process_groups
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cpu") if cpu else torch.device("cuda", local)
-    if not cpu:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here (cuDNN's conv default is TF32)
-        torch.backends.cudnn.allow_tf32 = False
-    dist.init_process_group("gloo" if cpu else "nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    E = 2 * world  # every EP size divides it
-    cfg = JambaConfig(
-        vocab_size=256,
-        hidden_size=32 if cpu else 128,
-        intermediate_size=48 if cpu else 256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=E,
-        num_experts_per_tok=2,
-        layer_pattern="M ME * *E",
-        mamba_d_state=8 if cpu else 16,
-        scan_chunk_size=8,
-        router_aux_loss_coef=0.05,
-        router_z_loss_coef=0.01,
-        use_kernels=not cpu,  # mamba-ssm / causal-conv1d where importable
-    )
-    seq = 12 if cpu else 256
-
-    def batch(r: int):
-        g = torch.Generator().manual_seed(1000 + r)
-        x = torch.randint(0, cfg.vocab_size, (2, seq + 1), generator=g)
-        return x[:, :-1].to(device), x[:, 1:].to(device)
-
-    # the reference: one unsharded model on every rank's batch concatenated (one router-statistics group)
-    ref = JambaForCausalLM(cfg, seed=0).to(device)
-    xs, ys = zip(*(batch(r) for r in range(world)), strict=True)
-    r_out = ref(torch.cat(xs), labels=torch.cat(ys))
-    r_out.loss.backward()
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-    ref_norm = torch.linalg.vector_norm(torch.stack([g.double().norm() for g in ref_grads.values()]))
-
-    results = {}
-    for ep, scope in ((world, "ep"), (1, "world")):
-        groups = init_process_groups(ep, E)
-        model = JambaForCausalLM(cfg, seed=0)
-        apply_expert_parallel(model, ep, groups, stats_scope=scope)
-        model.to(device)
-        x, y = batch(rank)
-        t0 = time.perf_counter()
-        o = model(x, labels=y)
-        o.loss.backward()
-        allreduce_gradients(model.parameters())
-        loss = o.loss.detach().clone()
-        dist.all_reduce(loss)
-        experts = gather_expert_grads(model, groups)
-        dense = expert = 0.0
-        for n, p in model.named_parameters():
-            if n in experts:
-                expert = max(expert, _rel(experts[n], ref_grads[n]))
-            else:
-                dense = max(dense, _rel(p.grad, ref_grads[n]))
-        norm = global_grad_norm(model.parameters())
-        aux = torch.tensor([_rel(o.aux_loss, r_out.aux_loss)], dtype=torch.float64, device=device)
-        dist.all_reduce(aux, op=dist.ReduceOp.MAX)  # every rank's aux equals the reference's
-        errs = {
-            "loss": _rel(loss / world, r_out.loss),
-            "aux_loss": float(aux),
-            "dense_grads": dense,
-            "expert_grads": expert,
-            "grad_norm": _rel(norm, ref_norm),
-        }
-        results[f"ep{ep}"] = {
-            "ep": ep,
-            "stats_scope": scope,
-            "local_expert_params": sum(1 for p in model.parameters() if is_expert_param(p)),
-            "max_rel_err": errs,
-            "worst": max(errs.values()),
-            "pass": all(math.isfinite(v) and v <= EQUIV_TOL for v in errs.values()),
-            "step_s": time.perf_counter() - t0,
-        }
-        if rank == 0:
-            print(
-                f"equivalence EP={ep} (stats over {scope}): "
-                + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
-            )
-    if rank == 0:
-        res = {
-            "world": world,
-            "num_experts": E,
-            "device": str(device),
-            "tol": EQUIV_TOL,
-            "cases": results,
-            "pass": all(c["pass"] for c in results.values()),
-        }
-        print("EQUIVALENCE", "PASS" if res["pass"] else "FAIL")
-        (out / "equivalence_worker.json").write_text(json.dumps(res, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 # ---- the orchestrator ---------------------------------------------------------------------------------------
@@ -291,7 +174,7 @@ class Check:
         if n < 2:
             return {"status": "SKIP", "detail": "needs >= 2 ranks"}
         cmd = self.runner.torchrun(
-            n, str(Path(__file__).resolve()), "--worker", "equivalence", "--out", str(self.out)
+            n, str(Path(__file__).resolve().parent / "ep_equivalence.py"), "--out", str(self.out)
         )
         if self.cpu:
             cmd.append("--cpu")
@@ -489,150 +372,12 @@ class Check:
         }
 
 
-# ---- report ---------------------------------------------------------------------------------------------------
-def environment(cpu: bool, n: int) -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    env = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("deepspeed", "mamba-ssm", "causal-conv1d", "grouped_gemm", "transformers"):
-        try:
-            env[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            env[pkg] = "-"
-    if not cpu and torch.cuda.is_available():
-        env["gpu"] = f"{torch.cuda.get_device_name(0)} x {n} (of {torch.cuda.device_count()} visible)"
-        env["cuda"] = torch.version.cuda
-        try:
-            env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        except Exception as e:  # noqa: BLE001 - informative only
-            env["nccl"] = f"? ({e})"
-        try:
-            env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            ).stdout.split()[0]
-        except Exception:  # noqa: BLE001
-            env["driver"] = "?"
-    else:
-        env["gpu"] = f"none: CPU mode, {n} gloo ranks"
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        env["commit"] = head + (" (+ local changes)" if dirty else "")
-    except OSError:
-        env["commit"] = "?"
-    env["env"] = {
+def child_env() -> dict[str, str]:
+    """The variables every child gets: the forced ones as they are, the defaults unless already set."""
+    return {
         k: os.environ.get(k, v) if k not in FORCED_ENV else v
         for k, v in {**FORCED_ENV, **DEFAULT_ENV}.items()
     }
-    return env
-
-
-def _f(v, fmt: str = "{:.3g}") -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
-
-
-def _k(v) -> str:
-    return "-" if v is None else f"{v / 1e3:,.1f}k" if v >= 1e4 else f"{v:,.0f}"
-
-
-def table(results: dict) -> str:
-    env, n = results.get("environment", {}), results.get("gpus")
-    gpu = "rank" if results.get("cpu") else "GPU"  # --cpu: gloo ranks stand in for GPUs
-    lines = [
-        f"# Multi-GPU check (issue 8): {n} {'CPU ranks' if results.get('cpu') else 'GPUs'}",
-        "",
-        f"{time.strftime('%Y-%m-%d %H:%M')}; " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "env"),
-        "",
-        "Child environment: " + " ".join(f"{k}={v}" for k, v in env.get("env", {}).items()),
-        "",
-        "| # | check | result | detail |",
-        "| --- | --- | --- | --- |",
-    ]
-    row = lines.append
-    eq = results.get("equivalence")
-    if eq:
-        if "cases" in eq:
-            for c in eq["cases"].values():
-                errs = ", ".join(f"{k} {v:.1e}" for k, v in c["max_rel_err"].items())
-                what = f"EP={c['ep']} over {eq['world']} ranks vs unsharded model, fp32 ({eq['device'].split(':')[0]})"
-                row(
-                    f"| 1 | equivalence {what} | {'PASS' if c['pass'] else 'FAIL'} | max rel. err (tol {eq['tol']:.0e}): {errs} |"
-                )
-        else:
-            row(f"| 1 | equivalence EP=1 vs EP={n} | {eq['status']} | {eq.get('detail', '')} |")
-    tp = results.get("throughput")
-    if tp:
-        shape = f"{tp.get('micro_batch')}x{tp.get('seq_len')}/{gpu}, compile={tp.get('compile')}"
-        for key, label in (
-            ("single", f"1 {gpu}, EP=1"),
-            ("multi", f"{tp['gpus']} {gpu}s, EP={tp['ep']}, ZeRO-2"),
-        ):
-            s = tp.get(key, {})
-            if s.get("status") == "OK":
-                detail = (
-                    f"MFU {_f(s['mfu'] and 100 * s['mfu'], '{:.1f}')}%, step {_f(s['step_time_s'] * 1e3, '{:.0f}')} ms, "
-                    f"peak mem {_f(s['peak_mem_gb'], '{:.1f}')} GB, total {_k(s['tokens_per_s'])} tokens/s, "
-                    f"median of steps {s['steps_used'][0]}-{s['steps_used'][-1]}"
-                )
-                row(
-                    f"| 2 | throughput {tp['model']} {shape}, {label} | {_k(s['tokens_per_s_per_gpu'])} tokens/s/{gpu} | {detail} |"
-                )
-            else:
-                row(
-                    f"| 2 | throughput {tp['model']} {shape}, {label} | {s.get('status')} | {s.get('detail', '')} |"
-                )
-        if len(tp.get("attempts", [])) > 1:
-            tried = "; ".join(", ".join(f"{k} {v}" for k, v in t.items()) for t in tp["attempts"])
-            row(
-                f"| 2 | throughput attempts (out of memory: next micro-batch; other failure: compile=none) | - | {tried} |"
-            )
-        eff = tp.get("scaling_efficiency")
-        verdict = "-" if eff is None else f"{100 * eff:.1f}%"
-        row(
-            f"| 2 | scaling efficiency (tokens/s/{gpu} on {tp['gpus']} / on 1; goal >= 90%) | {verdict} | "
-            + ("" if eff is None else ("meets the goal" if eff >= 0.9 else "below the goal"))
-            + " |"
-        )
-        p = tp.get("profile", {})
-        if p.get("status") == "OK":
-            detail = (
-                f"{p['all_to_all_ms']:.1f} ms in {p['all_to_all_events']} all-to-all {p['source']} of a "
-                f"{p['step_ms']:.1f} ms step (rank 0, step {p['step']}, profiled); all collectives "
-                f"{100 * p['collectives_share']:.1f}%; trace {p['trace']}"
-            )
-            row(f"| 3 | all-to-all share of the step | {100 * p['all_to_all_share']:.2f}% | {detail} |")
-        else:
-            row(f"| 3 | all-to-all share of the step | {p.get('status', '-')} | {p.get('detail', '')} |")
-    rs = results.get("resume")
-    if rs:
-        if "max_abs_diff" in rs:
-            pairs = ", ".join(
-                f"{a:.6f}/{b:.6f}" for a, b in zip(rs["loss_ref"], rs["loss_resumed"], strict=True)
-            )
-            detail = (
-                f"{rs['model']}: save at step {rs['save_at']} on {rs['ranks'][0]} ranks (EP={rs['ep'][0]}), resume on "
-                f"{rs['ranks'][1]} (EP={rs['ep'][1]}, grad accum 2); steps {rs['steps'][0]}-{rs['steps'][-1]} loss "
-                f"uninterrupted/resumed {pairs}; max abs diff {rs['max_abs_diff']:.1e} (lm loss "
-                f"{rs['max_abs_diff_lm']:.1e}, tol {rs['tol']:.0e}); optimizer states from the portable state: "
-                f"{'yes' if rs['portable_state_used'] else 'no'}"
-            )
-        else:
-            detail = rs.get("detail", "")
-        row(f"| 4 | save on {n}, resume on {max(1, (n or 2) // 2)} | {rs['status']} | {detail} |")
-    lines += ["", "## Commands", "", "| step | seconds | exit | command (log) |", "| --- | --- | --- | --- |"]
-    for c in results.get("commands", []):
-        ex = "timeout" if c["timed_out"] else str(c["rc"])
-        lines.append(f"| {c['name']} | {c['seconds']:.0f} | {ex} | `{c['cmd']}` ({c['log']}) |")
-    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -659,12 +404,8 @@ def main() -> int:
     ap.add_argument(
         "--timeout-run", type=float, default=None, help="seconds per trainer launch (default 900; CPU 240)"
     )
-    ap.add_argument("--worker", choices=["equivalence"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.out = args.out.absolute()
-    if args.worker == "equivalence":
-        worker_equivalence(args.out, args.cpu)
-        return 0
     if args.cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
@@ -688,7 +429,7 @@ def main() -> int:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     if results.get("gpus") not in (None, args.gpus) or results.get("cpu", args.cpu) != args.cpu:
         results = {}  # another layout: start over
-    results.update(gpus=args.gpus, cpu=args.cpu, environment=environment(args.cpu, args.gpus))
+    results.update(gpus=args.gpus, cpu=args.cpu, environment=environment(args.cpu, args.gpus, child_env()))
     commands = {c["name"]: c for c in results.get("commands", [])}
     check = Check(args)
     if any(s in only for s in ("throughput", "resume")):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from .chunks import checkpointed_chunks
 from .config import JambaConfig
 
 
@@ -26,6 +26,5 @@ class SwiGLU(nn.Module):
         c = self.chunk
         if not c or x.shape[:-1].numel() <= c or not (torch.is_grad_enabled() and x.requires_grad):
             return self._ff(x)
-        flat = x.reshape(-1, x.shape[-1])  # tokens are independent: chunks recomputed in backward
-        ys = [checkpoint(self._ff, flat[s : s + c], use_reentrant=False) for s in range(0, flat.shape[0], c)]
-        return torch.cat(ys).view(*x.shape[:-1], -1)
+        y = checkpointed_chunks(self._ff, c, x.reshape(-1, x.shape[-1]))
+        return y.view(*x.shape[:-1], -1)

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from .chunks import checkpointed_chunks
 from .config import JambaConfig
 from .experts import Experts
 
@@ -74,19 +74,7 @@ class SparseMoE(nn.Module):
         c, t = self.chunk, x.shape[0]
         if not c or t <= c or not (torch.is_grad_enabled() and x.requires_grad):
             return self.dispatcher(x, topk_idx, topk_w, self.experts)
-        return torch.cat(
-            [
-                checkpoint(
-                    self.dispatcher,
-                    x[s : s + c],
-                    topk_idx[s : s + c],
-                    topk_w[s : s + c],
-                    self.experts,
-                    use_reentrant=False,
-                )
-                for s in range(0, t, c)
-            ]
-        )
+        return checkpointed_chunks(self.dispatcher, c, x, topk_idx, topk_w, args=(self.experts,))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         shape = x.shape

@@ -15,7 +15,7 @@ from torch import nn
 from data import DataConfig, DataError, TokenLoader, ensure_builtin_corpus
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.hf_compat import to_hf_state_dict
-from parallel.zero import deepspeed_config
+from parallel.zero import deepspeed_config, effective_zero_stage
 
 from .config import Config, ConfigError, Precision, WandbMode, build_model_config
 from .distributed import Dist, barrier
@@ -96,13 +96,6 @@ def resolve_precision(p: Precision, device: torch.device) -> str:
     return p.value
 
 
-def zero_stage_for(cfg: Config, dist: Dist) -> int:
-    """parallel.zero_stage, except 0 (a plain DeepSpeed engine) on a single rank: there is nothing to
-    partition, and ZeRO's optimizer would keep a second fp32 copy of every weight (4 bytes per parameter:
-    9.9 GB for `bench`, the difference between 4 x 4096 fitting on an 80 GB GPU or not)."""
-    return cfg.parallel.zero_stage if dist.world_size > 1 else 0
-
-
 def build_engine(model: nn.Module, cfg: Config, dist: Dist, precision: str):
     """(DeepSpeed engine, our optimizer). The engine owns ZeRO partitioning, gradient accumulation and
     clipping; the optimizer is the object whose param groups carry the LR and whose step can be skipped."""
@@ -110,7 +103,7 @@ def build_engine(model: nn.Module, cfg: Config, dist: Dist, precision: str):
 
     model.to(dist.device)
     optimizer: SkippableAdamW = build_optimizer(model, cfg.optim, dist.device)
-    stage = zero_stage_for(cfg, dist)
+    stage = effective_zero_stage(cfg.parallel.zero_stage, dist.world_size)
     ds_config = deepspeed_config(
         zero_stage=stage,
         micro_batch_size=cfg.data.micro_batch_size,

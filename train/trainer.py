@@ -221,7 +221,9 @@ class Trainer:
         skip = kind == "nonfinite_loss" or (kind is not None and cfg.spikes.policy != SpikePolicy.log)
         layer = largest_layer_grad_norm(self.engine.module) if kind else None
         clip_norm = None
-        if not self.engine.zero_optimization():  # one rank, stage 0: clip here (see build.zero_stage_for)
+        # one rank runs stage 0 (parallel.zero.effective_zero_stage): clip here, where the norm is kept. No expert
+        # parallelism on one rank, so torch's foreach clipping is the whole norm.
+        if not self.engine.zero_optimization():
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             clip_norm = float(
                 torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), clip, foreach=True)
