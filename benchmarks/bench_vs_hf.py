@@ -59,11 +59,12 @@ def ds_config(micro_batch: int, which: str) -> dict:
 
         # as the trainer: stage 0 on a single rank (z1 forces ZeRO-1, for comparison)
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        stage = 1 if "z1" in f else effective_zero_stage(1, world)
         cfg = deepspeed_config(
-            zero_stage=1 if "z1" in f else effective_zero_stage(1, world),
+            zero_stage=stage,
             micro_batch_size=micro_batch,
             grad_accum_steps=1,
-            grad_clip=1.0,
+            grad_clip=1.0 if stage else 0.0,  # stage 0: clipped as the trainer does (run_one), not by DeepSpeed
             precision="bf16",
             on_gpu=True,
         )
@@ -125,13 +126,13 @@ def run_one(name, cfg, batch, seq, steps, which, state_dict, ckpt):
             model.compile_layers()
         loss_fn = ours_loss
     model = model.cuda()
-    if "ours" in flags(which):
+    if "ours" in flags(which):  # the trainer's optimizer and param groups
         from parallel.zero import optimizer_param_groups
+        from train.optim import SkippableAdamW
 
-        params = optimizer_param_groups(model, 0.1)
+        opt = SkippableAdamW(optimizer_param_groups(model, 0.1), lr=1e-4, weight_decay=0.1, fused=True)
     else:
-        params = model.parameters()
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(batch, which))
     g = torch.Generator(device="cuda").manual_seed(1)
     batches = [
@@ -145,6 +146,10 @@ def run_one(name, cfg, batch, seq, steps, which, state_dict, ckpt):
         t = time.perf_counter()
         lm, loss = loss_fn(engine, batches[i % 2])
         engine.backward(loss)
+        if "ours" in flags(which) and not engine.zero_optimization():
+            from train.optim import clip_grad_norm_
+
+            clip_grad_norm_(opt, model.parameters(), 1.0)  # as train/trainer.py on one rank
         engine.step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)

@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=35)
     ap.add_argument("--precision", default="autocast", choices=["autocast", "bf16"])
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument(
+        "--where", default="", help="also print input shapes and Python call sites of the ops whose name contains this"
+    )
     args = ap.parse_args()
     cfg = get_preset(args.preset, activation_checkpointing=args.ckpt)
     m = JambaForCausalLM(cfg, seed=0).cuda()
@@ -76,7 +79,8 @@ def main() -> None:
         f"{args.preset} {args.batch}x{args.seq} {args.precision} compile={args.compile}: step "
         f"{1000 * sorted(times)[1]:.1f} ms (median of 3), peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
     )
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    where = dict(record_shapes=True, with_stack=True) if args.where else {}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], **where) as prof:
         step()
         torch.cuda.synchronize()
     ka = prof.key_averages()
@@ -85,6 +89,11 @@ def main() -> None:
     for e in ka:
         if e.key.startswith("part::"):
             parts[e.key] += e.device_time_total / 1000
+    if args.where:
+        for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=12):
+            if args.where in e.key:
+                print(f"\n{e.key} x{e.count} self CUDA {e.self_device_time_total / 1000:.2f} ms shapes {e.input_shapes}")
+                print("  " + "\n  ".join(e.stack))
     print(
         "forward CUDA time by part (ms, includes nested):", {k: round(v, 1) for k, v in sorted(parts.items())}
     )

@@ -21,10 +21,10 @@ from .experts import Experts
 
 
 def expert_counts(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Tokens per expert without a host sync (torch.bincount on CUDA reads the max back to the host)."""
-    return torch.zeros(num_experts, dtype=torch.long, device=flat_idx.device).index_add_(
-        0, flat_idx, torch.ones_like(flat_idx)
-    )
+    """Tokens per expert, as a one-hot sum: no host sync (torch.bincount on CUDA reads the max back to the
+    host) and no scatter (compiled, an index_add became a sorting index_put: 0.5 ms per call at 32K slots on
+    an H100, 2 calls per MoE layer; the compare-and-sum fuses into one small kernel)."""
+    return (flat_idx.unsqueeze(-1) == torch.arange(num_experts, device=flat_idx.device)).sum(0)
 
 
 class _GatherSlots(torch.autograd.Function):

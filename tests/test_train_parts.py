@@ -26,7 +26,7 @@ from train.checkpoint import (
 )
 from train.config import CheckpointConfig, Schedule, ScheduleConfig, SpikeConfig
 from train.distributed import Dist
-from train.optim import SkippableAdamW, lr_multiplier
+from train.optim import SkippableAdamW, clip_grad_norm_, lr_multiplier
 from train.resume import check_compatible, find_checkpoint
 from train.spikes import SpikeDetector
 
@@ -110,6 +110,41 @@ def test_skipped_step_changes_neither_weights_nor_moments():
     opt.step()
     opt.step()  # ZeRO calls step once per param group
     assert torch.equal(p, before) and all(torch.equal(state[k], v) for k, v in opt.state[p].items())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("max_norm", [0.0, 1.0, 1e6])
+def test_clipping_in_the_optimizer_step_equals_torch_clipping(fused, max_norm):
+    """clip_grad_norm_ leaves the factor to the next step (in the fused kernel, or a foreach divide): same
+    weights and moments as torch.nn.utils.clip_grad_norm_ then AdamW, the same pre-clip norm."""
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(n)) for n in (300, 7)]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    o_ref = torch.optim.AdamW(ref, lr=0.1, fused=fused)
+    o_ours = SkippableAdamW(ours, lr=0.1, fused=fused)
+    for step in range(3):
+        grads = [torch.randn_like(p) * (3.0 if step != 1 else 1e-3) for p in ref]
+        for p, q, g in zip(ref, ours, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        want = float(torch.nn.utils.clip_grad_norm_(ref, max_norm if max_norm else float("inf")))
+        assert clip_grad_norm_(o_ours, ours, max_norm) == pytest.approx(want, rel=1e-6)
+        assert (o_ours.clip_divisor is not None) == (0 < max_norm < want)
+        o_ref.step()
+        o_ours.step()
+        assert o_ours.clip_divisor is None and not hasattr(o_ours, "grad_scale")
+        for p, q in zip(ref, ours):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(o_ours.state[q]["exp_avg_sq"], o_ref.state[p]["exp_avg_sq"])
+
+
+def test_clip_divisor_is_dropped_by_a_skipped_step():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = SkippableAdamW([p], lr=0.1)
+    p.grad = torch.full((4,), 10.0)
+    clip_grad_norm_(opt, [p], 1.0)
+    opt.skip = True
+    opt.step()
+    assert opt.clip_divisor is None and torch.equal(p.detach(), torch.ones(4))
 
 
 def test_deepspeed_config():

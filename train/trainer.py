@@ -31,7 +31,7 @@ from .build import (
 )
 from .checkpoint import Checkpointer, read_state
 from .config import Config, SpikePolicy, to_container
-from .optim import lr_multiplier, set_lr
+from .optim import clip_grad_norm_, lr_multiplier, set_lr
 from .profiling import profile_step
 from .resume import check_compatible, find_checkpoint
 from .spikes import SpikeDetector, is_finite, largest_layer_grad_norm
@@ -224,10 +224,7 @@ class Trainer:
         # one rank runs stage 0 (parallel.zero.effective_zero_stage): clip here, where the norm is kept. No expert
         # parallelism on one rank, so torch's foreach clipping is the whole norm.
         if not self.engine.zero_optimization():
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            clip_norm = float(
-                torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), clip, foreach=True)
-            )
+            clip_norm = clip_grad_norm_(self.optimizer, self.engine.module.parameters(), cfg.optim.grad_clip)
             if not is_finite(clip_norm):
                 skip = True  # as ZeRO does: no update from inf/nan gradients
         self.optimizer.skip = skip
