@@ -64,7 +64,9 @@ def ds_config(micro_batch: int, which: str) -> dict:
             zero_stage=stage,
             micro_batch_size=micro_batch,
             grad_accum_steps=1,
-            grad_clip=1.0 if stage else 0.0,  # stage 0: clipped as the trainer does (run_one), not by DeepSpeed
+            grad_clip=1.0
+            if stage
+            else 0.0,  # stage 0: clipped as the trainer does (run_one), not by DeepSpeed
             precision="bf16",
             on_gpu=True,
         )

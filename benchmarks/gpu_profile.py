@@ -44,7 +44,9 @@ def main() -> None:
     ap.add_argument("--precision", default="autocast", choices=["autocast", "bf16"])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument(
-        "--where", default="", help="also print input shapes and Python call sites of the ops whose name contains this"
+        "--where",
+        default="",
+        help="also print input shapes and Python call sites of the ops whose name contains this",
     )
     args = ap.parse_args()
     cfg = get_preset(args.preset, activation_checkpointing=args.ckpt)
@@ -92,7 +94,9 @@ def main() -> None:
     if args.where:
         for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=12):
             if args.where in e.key:
-                print(f"\n{e.key} x{e.count} self CUDA {e.self_device_time_total / 1000:.2f} ms shapes {e.input_shapes}")
+                print(
+                    f"\n{e.key} x{e.count} self CUDA {e.self_device_time_total / 1000:.2f} ms shapes {e.input_shapes}"
+                )
                 print("  " + "\n  ".join(e.stack))
     print(
         "forward CUDA time by part (ms, includes nested):", {k: round(v, 1) for k, v in sorted(parts.items())}

@@ -124,7 +124,7 @@ def test_clipping_in_the_optimizer_step_equals_torch_clipping(fused, max_norm):
     o_ours = SkippableAdamW(ours, lr=0.1, fused=fused)
     for step in range(3):
         grads = [torch.randn_like(p) * (3.0 if step != 1 else 1e-3) for p in ref]
-        for p, q, g in zip(ref, ours, grads):
+        for p, q, g in zip(ref, ours, grads, strict=True):
             p.grad, q.grad = g.clone(), g.clone()
         want = float(torch.nn.utils.clip_grad_norm_(ref, max_norm if max_norm else float("inf")))
         assert clip_grad_norm_(o_ours, ours, max_norm) == pytest.approx(want, rel=1e-6)
@@ -132,7 +132,7 @@ def test_clipping_in_the_optimizer_step_equals_torch_clipping(fused, max_norm):
         o_ref.step()
         o_ours.step()
         assert o_ours.clip_divisor is None and not hasattr(o_ours, "grad_scale")
-        for p, q in zip(ref, ours):
+        for p, q in zip(ref, ours, strict=True):
             torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(o_ours.state[q]["exp_avg_sq"], o_ref.state[p]["exp_avg_sq"])
 
