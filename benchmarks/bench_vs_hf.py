@@ -25,9 +25,11 @@ import gc
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -253,7 +255,11 @@ def main() -> None:
             if proc is None:
                 row = f"{label} TIMEOUT after {args.timeout} s | | | | | |"
             elif not got:
-                row = f"{label} ERROR rc={proc.returncode}: {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ''} | | | | | |"
+                row = f"{label} ERROR rc={proc.returncode}: {error_line(proc.stderr)} | | | | | |"
+                if args.out:  # the whole stderr beside the table
+                    log = Path(f"{args.out}.{preset}-{b}x{s}-{which}.log")
+                    log.write_text(proc.stderr)
+                    print(f"stderr of the failed run: {log}", file=sys.stderr)
             else:
                 r = json.loads(got[0][7:])
                 if r.get("oom"):
@@ -279,6 +285,14 @@ def main() -> None:
             lines.append(line)
             print(line, flush=True)
     write_out(args.out, lines)
+
+
+def error_line(stderr: str) -> str:
+    """The exception of a failed run (not the warnings printed after it), cut to a table cell."""
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", ln).strip() for ln in stderr.splitlines()]
+    lines = [ln for ln in lines if ln]
+    errs = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
+    return ((errs or lines or [""])[-1])[:200].replace("|", "/")
 
 
 def write_out(path: str | None, lines: list[str]) -> None:
