@@ -138,6 +138,10 @@ def run_one(name, cfg, batch, seq, steps, which, state_dict, ckpt):
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(batch, which))
+    if "ours" in flags(which):  # as train/build.py
+        from parallel.zero import skip_single_rank_allreduce
+
+        skip_single_rank_allreduce(engine, int(os.environ.get("WORLD_SIZE", "1")))
     g = torch.Generator(device="cuda").manual_seed(1)
     batches = [
         torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda", generator=g) for _ in range(2)

@@ -18,7 +18,7 @@ from test_parallel_ep import batch, tiny_cfg
 from jamba import JambaForCausalLM
 from parallel.expert_parallel import apply_expert_parallel, gather_full_state_dict
 from parallel.groups import init_process_groups
-from parallel.zero import optimizer_param_groups
+from parallel.zero import optimizer_param_groups, skip_single_rank_allreduce
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before the import: DeepSpeed picks its accelerator then
 deepspeed = pytest.importorskip("deepspeed")
@@ -98,3 +98,38 @@ def test_zero1_zero2_ep2_two_ranks_match_single_process():
 @pytest.mark.timeout(200)
 def test_zero2_ep2_four_ranks_match_single_process():
     run_distributed(run_four_ranks, 4, timeout=180)
+
+
+def run_one_rank_stage0() -> None:
+    """Stage 0 on one rank, as the trainer runs it: DeepSpeed's bucketed all-reduce (a flatten, a no-op
+    all-reduce and a copy back of every gradient) is skipped, and the result is plain PyTorch's."""
+    cfg = tiny_cfg()
+    model = JambaForCausalLM(cfg, seed=0)
+    opt = torch.optim.AdamW(optimizer_param_groups(model, 0.1), lr=LR)
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": 0},
+        "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0
+        "steps_per_print": 10**6,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    skip_single_rank_allreduce(engine, dist.get_world_size())
+    calls = []
+    engine.buffered_allreduce_fallback = lambda *a, **k: calls.append(1)
+    want = JambaForCausalLM(cfg, seed=0)
+    ref_opt = torch.optim.AdamW(optimizer_param_groups(want, 0.1), lr=LR)
+    for s in range(STEPS):
+        x, y = batch(100 * s)
+        engine.backward(engine(x, labels=y).loss)
+        engine.step()
+        want(x, labels=y).loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert not calls
+    for (k, v), w in zip(engine.module.state_dict().items(), want.state_dict().values(), strict=True):
+        torch.testing.assert_close(v, w, rtol=1e-6, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.timeout(120)
+def test_one_rank_stage0_skips_deepspeed_allreduce_and_matches_torch():
+    run_distributed(run_one_rank_stage0, 1, timeout=100)

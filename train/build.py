@@ -15,7 +15,7 @@ from torch import nn
 from data import DataConfig, DataError, TokenLoader, ensure_builtin_corpus
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.hf_compat import to_hf_state_dict
-from parallel.zero import deepspeed_config, effective_zero_stage
+from parallel.zero import deepspeed_config, effective_zero_stage, skip_single_rank_allreduce
 
 from .config import Config, ConfigError, Precision, WandbMode, build_model_config
 from .distributed import Dist, barrier
@@ -114,6 +114,7 @@ def build_engine(model: nn.Module, cfg: Config, dist: Dist, precision: str):
         on_gpu=dist.device.type == "cuda",
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    skip_single_rank_allreduce(engine, dist.world_size)
     return engine, optimizer
 
 
