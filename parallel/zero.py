@@ -29,7 +29,7 @@ def effective_zero_stage(requested: int, world_size: int) -> int:
 def skip_single_rank_allreduce(engine, world_size: int) -> None:
     """On one rank there is nothing to all-reduce, yet DeepSpeed's stage-0 backward still flattens every
     gradient into buckets, "all-reduces" them, scales by 1/world and copies them back: four passes over the
-    gradients (about 20 ms a step for the 2.47B `bench` model on an H100). Turn that path off there."""
+    gradients (17 ms of a 375 ms step of the 2.47B `bench` model on an H100). Turn that path off there."""
     if world_size == 1 and not engine.zero_optimization():
         engine.enable_backward_allreduce = False
 
