@@ -1,26 +1,10 @@
 import pytest
 import torch
+from test_jamba_model import tiny
 
 from jamba import JambaConfig, JambaForCausalLM, get_preset
 from jamba.counting import SCAN_FLOPS_PER_STATE, count_params, flops_per_token, mfu
 from jamba.presets import PRESETS
-
-
-def tiny(**kw) -> JambaConfig:
-    base = dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-        attn_layer_period=4,
-        attn_layer_offset=2,
-        mamba_d_state=8,
-    )
-    return JambaConfig(**{**base, **kw})
 
 
 def module_counts(cfg: JambaConfig, device: str = "cpu") -> tuple[int, int, list[int]]:
