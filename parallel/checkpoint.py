@@ -240,17 +240,22 @@ def load_portable(engine, ckpt: Path) -> int:
     _link(opt)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name in experts:
-                _, off, n, _, _ = experts[name]
-                get = lambda key, name=name, off=off, n=n: reader.get(key, name, off, n)  # noqa: E731
-            else:
-                get = h.get_tensor
+            get = _portable_getter(name, experts, h, reader)
             fp32 = get(name)
             p.copy_(fp32.to(p.dtype))
             safe_set_full_fp32_param(p, fp32.to(p.device))
             for k in MOMENTS:
                 safe_set_full_optimizer_state(p, get(f"{name}::{k}").to(p.device), k)
     return step
+
+
+def _portable_getter(name: str, experts: dict, h, reader):
+    """key -> tensor for one parameter of the portable state: an expert's rows come through `reader` (its slice
+    of the global experts), everything else straight from the safetensors handle."""
+    if name not in experts:
+        return h.get_tensor
+    _, off, n, _, _ = experts[name]
+    return lambda key: reader.get(key, name, off, n)
 
 
 def _load_plain(opt, model, h, step: int, experts: dict, reader) -> None:
@@ -264,11 +269,7 @@ def _load_plain(opt, model, h, step: int, experts: dict, reader) -> None:
                     )
                 }
         for name, p in model.named_parameters():
-            if name in experts:
-                _, off, n, _, _ = experts[name]
-                get = lambda key, name=name, off=off, n=n: reader.get(key, name, off, n)  # noqa: E731
-            else:
-                get = h.get_tensor
+            get = _portable_getter(name, experts, h, reader)
             p.copy_(get(name).to(p.dtype))
             if p in opt.state:
                 for k in MOMENTS:
