@@ -15,6 +15,16 @@ def _grads(m, x, **kw):
     return out, {n: p.grad.clone() for n, p in m.named_parameters()}
 
 
+def _assert_same(a, b, x, loss_tol: float, grad_rtol: float, grad_atol: float):
+    """Same loss and every gradient for models a and b on batch x; returns both outputs."""
+    oa, ga = _grads(a, x)
+    ob, gb = _grads(b, x)
+    torch.testing.assert_close(ob.loss, oa.loss, rtol=loss_tol, atol=loss_tol)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=grad_rtol, atol=grad_atol, msg=n)
+    return oa, ob
+
+
 def _pair(cfg_a, cfg_b, device="cpu"):
     a = JambaForCausalLM(cfg_a, seed=0).to(device)
     b = JambaForCausalLM(cfg_b, seed=0).to(device)
@@ -26,13 +36,8 @@ def _pair(cfg_a, cfg_b, device="cpu"):
 def test_ff_chunking_is_exact(ckpt):
     # chunk of 7 tokens: ragged last chunk, MoE and dense feed-forwards both chunked
     a, b = _pair(tiny(activation_checkpointing=ckpt), tiny(activation_checkpointing=ckpt, ff_chunk_size=7))
-    x = torch.randint(0, 97, (2, 21))
-    oa, ga = _grads(a, x)
-    ob, gb = _grads(b, x)
-    torch.testing.assert_close(ob.loss, oa.loss, rtol=1e-6, atol=1e-6)
+    oa, ob = _assert_same(a, b, torch.randint(0, 97, (2, 21)), 1e-6, 1e-5, 1e-6)
     torch.testing.assert_close(ob.aux_loss, oa.aux_loss, rtol=1e-6, atol=1e-6)
-    for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6, msg=n)
     counts_a = [s["tokens_per_expert"] for s in oa.router_stats]
     counts_b = [s["tokens_per_expert"] for s in ob.router_stats]
     assert all(torch.equal(p, q) for p, q in zip(counts_a, counts_b, strict=True))
@@ -48,12 +53,7 @@ def test_compiled_layers_match_eager_and_keep_names():
     a, b = _pair(tiny(), tiny())
     b.compile_layers(backend="aot_eager")
     assert list(a.state_dict()) == list(b.state_dict())  # checkpoints and DeepSpeed see the same names
-    x = torch.randint(0, 97, (2, 17))
-    oa, ga = _grads(a, x)
-    ob, gb = _grads(b, x)
-    torch.testing.assert_close(ob.loss, oa.loss, rtol=1e-5, atol=1e-5)
-    for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-5, msg=n)
+    _assert_same(a, b, torch.randint(0, 97, (2, 17)), 1e-5, 1e-4, 1e-5)
 
 
 @pytest.mark.gpu
@@ -124,9 +124,4 @@ def test_residual_dtype_under_autocast():
 def test_blocked_scan_in_the_model_is_exact():
     # scan_block_size shorter than the sequence: the PyTorch scan runs in blocks (bounded memory), same numbers
     a, b = _pair(tiny(), tiny(scan_block_size=6))
-    x = torch.randint(0, 97, (2, 21))
-    oa, ga = _grads(a, x)
-    ob, gb = _grads(b, x)
-    torch.testing.assert_close(ob.loss, oa.loss, rtol=1e-6, atol=1e-6)
-    for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6, msg=n)
+    _assert_same(a, b, torch.randint(0, 97, (2, 21)), 1e-6, 1e-5, 1e-6)
