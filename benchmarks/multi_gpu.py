@@ -28,85 +28,19 @@ import argparse
 import json
 import math
 import os
-import shlex
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from multi_gpu_report import environment, table  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from multi_gpu_runner import ROOT, Runner, child_env, fail_reason  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 STEPS = ("equivalence", "throughput", "resume")
-FORCED_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-DEFAULT_ENV = {"TORCH_CUDA_ARCH_LIST": "9.0", "HYDRA_FULL_ERROR": "1", "WANDB_SILENT": "true"}
-OOM_MARKERS = ("out of memory", "outofmemoryerror")
-
-
-# ---- the orchestrator ---------------------------------------------------------------------------------------
-class Runner:
-    """Launch children with a timeout (process group killed on expiry), log every command and its output."""
-
-    def __init__(self, out: Path, cpu: bool) -> None:
-        self.out, self.cpu = out, cpu
-        self.env = {**os.environ, **FORCED_ENV}
-        for k, v in DEFAULT_ENV.items():
-            self.env.setdefault(k, v)
-        if cpu:
-            self.env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-        self.commands: list[dict] = []
-
-    def torchrun(self, nproc: int, *args: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            *args,
-        ]
-
-    def run(self, name: str, cmd: list[str], timeout: float) -> dict:
-        log = self.out / "logs" / f"{name}.log"
-        t0 = time.monotonic()
-        print(f"[multi_gpu] {name}: {shlex.join(cmd)}", flush=True)
-        with open(log, "w") as f:
-            p = subprocess.Popen(
-                cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True
-            )
-            try:
-                rc, timed_out = p.wait(timeout=timeout), False
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)  # the launcher and every rank: one session
-                rc, timed_out = p.wait(), True
-        secs = time.monotonic() - t0
-        text = log.read_text(errors="replace")
-        rec = {
-            "name": name,
-            "cmd": shlex.join(cmd),
-            "rc": rc,
-            "timed_out": timed_out,
-            "seconds": round(secs, 1),
-            "log": str(log.relative_to(self.out)),
-        }
-        self.commands.append(rec)
-        status = "TIMEOUT" if timed_out else f"rc={rc}"
-        print(f"[multi_gpu] {name}: {status} in {secs:.0f} s (log: {log})", flush=True)
-        if rc != 0:
-            print(text[-3000:], flush=True)
-        return {
-            **rec,
-            "ok": rc == 0 and not timed_out,
-            "oom": any(m in text.lower() for m in OOM_MARKERS),
-            "text": text,
-        }
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -118,15 +52,6 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def _steps(records: list[dict], key: str) -> dict[int, float]:
     return {r["step"]: float(r[key]) for r in records if key in r and "event" not in r}
-
-
-def _fail(res: dict) -> str:
-    if res.get("timed_out"):
-        return f"timeout after {res['seconds']:.0f} s"
-    if res.get("oom"):
-        return "out of memory"
-    lines = [ln for ln in res.get("text", "").splitlines() if "Error" in ln or "error" in ln]
-    return f"rc={res.get('rc')}" + (f": {lines[-1].strip()[:160]}" if lines else "")
 
 
 class Check:
@@ -182,7 +107,7 @@ class Check:
         res = self.runner.run("equivalence", cmd, self.args.timeout_equivalence)
         path = self.out / "equivalence_worker.json"
         if not res["ok"] or not path.exists():
-            return {"status": "FAIL", "detail": _fail(res), "seconds": res["seconds"]}
+            return {"status": "FAIL", "detail": fail_reason(res), "seconds": res["seconds"]}
         w = json.loads(path.read_text())
         return {"status": "PASS" if w["pass"] else "FAIL", **w, "seconds": res["seconds"]}
 
@@ -212,7 +137,7 @@ class Check:
                     f"logging.profile_step={steps}",
                 ]
                 multi = self.train(f"throughput_{n}gpu", n, ov, a.timeout_run)
-                attempt["multi"] = "ok" if multi["ok"] else _fail(multi)
+                attempt["multi"] = "ok" if multi["ok"] else fail_reason(multi)
                 if not multi["ok"]:
                     if not multi["oom"]:
                         attempt["give_up_compile"] = compile_
@@ -224,7 +149,7 @@ class Check:
                 f"trainer.max_steps={steps}",
             ]
             single = self.train("throughput_1gpu", 1, ov, a.timeout_run)
-            attempt["single"] = "ok" if single["ok"] else _fail(single)
+            attempt["single"] = "ok" if single["ok"] else fail_reason(single)
             if single["ok"] or not single["oom"]:
                 break
         attempt = out["attempts"][-1]
@@ -237,7 +162,7 @@ class Check:
                 f"trainer.max_steps={steps}",
             ]
             single = self.train("throughput_1gpu", 1, ov, a.timeout_run)
-            attempt["single"] = "ok" if single["ok"] else _fail(single)
+            attempt["single"] = "ok" if single["ok"] else fail_reason(single)
         out.update(
             micro_batch=attempt["micro_batch"],
             compile=attempt["compile"],
@@ -248,7 +173,7 @@ class Check:
             if res is None:
                 return {"status": "SKIP", "detail": "not run"}
             if not res["ok"]:
-                return {"status": "FAIL", "detail": _fail(res)}
+                return {"status": "FAIL", "detail": fail_reason(res)}
             recs = [r for r in res["records"] if "perf/tokens_per_s" in r and "event" not in r]
             use = [r for r in recs if r["step"] > warm and r["step"] not in skip] or recs[-1:]
             if not use:
@@ -331,7 +256,7 @@ class Check:
                 **out,
                 "status": "FAIL",
                 "detail": f"{n}-rank run: "
-                + (_fail(ref) if not ref["ok"] else f"no portable checkpoint {ckpt}"),
+                + (fail_reason(ref) if not ref["ok"] else f"no portable checkpoint {ckpt}"),
             }
         got = self.train(
             f"resume_{half}gpu",
@@ -346,7 +271,7 @@ class Check:
             a.timeout_run,
         )
         if not got["ok"]:
-            return {**out, "status": "FAIL", "detail": f"{half}-rank resume: {_fail(got)}"}
+            return {**out, "status": "FAIL", "detail": f"{half}-rank resume: {fail_reason(got)}"}
         want, have = _steps(ref["records"], "train/loss"), _steps(got["records"], "train/loss")
         want_lm, have_lm = _steps(ref["records"], "train/lm_loss"), _steps(got["records"], "train/lm_loss")
         compare = list(range(S + 1, S + M + 1))
@@ -370,14 +295,6 @@ class Check:
             "tol": tol,
             "portable_state_used": "portable state" in got["text"],
         }
-
-
-def child_env() -> dict[str, str]:
-    """The variables every child gets: the forced ones as they are, the defaults unless already set."""
-    return {
-        k: os.environ.get(k, v) if k not in FORCED_ENV else v
-        for k, v in {**FORCED_ENV, **DEFAULT_ENV}.items()
-    }
 
 
 def main() -> int:
