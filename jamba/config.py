@@ -59,6 +59,9 @@ class JambaConfig:
     # Runtime choices that do not change the weights.
     activation_checkpointing: str = "none"
     use_kernels: bool = True  # fast GPU kernels when importable; pure PyTorch otherwise
+    # selective scan: auto (on a GPU the fastest available, measured; PyTorch elsewhere) | triton (ours) |
+    # mamba_ssm | torch. Chosen once when the model is built (jamba.scan.resolve_scan_backend).
+    scan_backend: str = "auto"
     scan_chunk_size: int = 16  # chunk length of the CPU selective scan
     # tokens per block of the PyTorch scan (no mamba-ssm): bounds its [b, block, d_inner, d_state] fp32 tensors
     scan_block_size: int = 512
@@ -111,6 +114,11 @@ class JambaConfig:
             isinstance(self.mamba_dt_rank, int) and self.mamba_dt_rank > 0,
             "mamba_dt_rank",
             f"must be 'auto' or a positive int, got {self.mamba_dt_rank!r}",
+        )
+        need(
+            self.scan_backend in ("auto", "triton", "mamba_ssm", "torch"),
+            "scan_backend",
+            f"must be auto|triton|mamba_ssm|torch, got {self.scan_backend!r}",
         )
         need(
             0 <= self.attn_layer_offset < self.attn_layer_period,

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import JambaConfig
 from .norm import RMSNorm
-from .scan import causal_conv1d, selective_scan
+from .scan import causal_conv1d, resolve_scan_backend, selective_scan
 
 
 class MambaMixer(nn.Module):
@@ -37,6 +37,11 @@ class MambaMixer(nn.Module):
         self.b_layernorm = RMSNorm(n, eps=cfg.rms_norm_eps)
         self.c_layernorm = RMSNorm(n, eps=cfg.rms_norm_eps)
         self.use_kernels = cfg.use_kernels
+        # chosen once, for the device this process trains on (CPU tensors always take the PyTorch scan)
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self.scan_backend = resolve_scan_backend(
+            cfg.scan_backend if cfg.use_kernels else "torch", device_type
+        )
         self.scan_chunk, self.scan_block = cfg.scan_chunk_size, cfg.scan_block_size
         for p in (self.A_log, self.D, self.dt_proj.bias):
             p._no_weight_decay = True  # read by the optimizer's param groups
@@ -69,6 +74,7 @@ class MambaMixer(nn.Module):
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
             use_kernel=self.use_kernels,
+            backend=self.scan_backend,
             chunk_size=self.scan_chunk,
             block_size=self.scan_block,
         )

@@ -6,6 +6,8 @@ Shapes follow mamba-ssm: u, delta, z [b, d, L]; A [d, n]; B, C [b, n, L]; D, del
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -20,8 +22,56 @@ except Exception:  # noqa: BLE001
     _cc1d = None
 
 
+def _triton_scan():
+    """jamba.scan_op.selective_scan_triton, or None where triton is missing (imported on first use: the
+    interpreter switch TRITON_INTERPRET is read when the kernels are defined)."""
+    try:
+        from .scan_op import selective_scan_triton
+    except Exception:  # noqa: BLE001 - no triton, or a triton without a backend here
+        return None
+    return selective_scan_triton
+
+
 def kernels_available() -> dict[str, bool]:
-    return {"mamba_ssm": _mamba_scan is not None, "causal_conv1d": _cc1d is not None}
+    return {
+        "mamba_ssm": _mamba_scan is not None,
+        "causal_conv1d": _cc1d is not None,
+        "triton_scan": _triton_scan() is not None,
+    }
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+SCAN_BACKENDS = ("auto", "triton", "mamba_ssm", "torch")
+# `auto` on a GPU: the first available, fastest first as measured by benchmarks/gpu_scan.py (H200, results in
+# benchmarks/results/). Off the GPU: the PyTorch scan.
+AUTO_CUDA_ORDER = ("mamba_ssm", "triton", "torch")
+
+
+def scan_backend_problem(name: str, device_type: str) -> str | None:
+    """Why backend `name` cannot run on `device_type` (None: it can)."""
+    if name not in SCAN_BACKENDS:
+        return f"unknown scan backend {name!r} (choose from {'|'.join(SCAN_BACKENDS)})"
+    if name == "mamba_ssm" and (_mamba_scan is None or device_type != "cuda"):
+        return "mamba_ssm needs the mamba-ssm package and a CUDA device"
+    if name == "triton":
+        if _triton_scan() is None:
+            return "triton is not installed"
+        if device_type != "cuda" and not _INTERPRET:
+            return "the Triton scan runs on CUDA (on CPU only under TRITON_INTERPRET=1)"
+    return None
+
+
+def resolve_scan_backend(name: str, device_type: str) -> str:
+    """The backend that runs: `auto` picks by AUTO_CUDA_ORDER on CUDA and `torch` elsewhere; an explicit
+    backend that cannot run is an error naming why."""
+    if name == "auto":
+        if device_type != "cuda":
+            return "torch"
+        return next(b for b in AUTO_CUDA_ORDER if scan_backend_problem(b, device_type) is None)
+    problem = scan_backend_problem(name, device_type)
+    if problem:
+        raise ValueError(f"model.scan_backend={name}: {problem}")
+    return name
 
 
 def _discretize(u, delta, A, B, delta_bias, delta_softplus):
@@ -190,11 +240,19 @@ def selective_scan(
     use_kernel: bool = True,
     chunk_size: int = 16,
     block_size: int = 512,
+    backend: str = "auto",
 ):
-    """Dispatch: mamba-ssm's fused CUDA scan when importable and on GPU, else the chunked scan (in blocks of
-    block_size tokens when the sequence is longer)."""
-    if use_kernel and _mamba_scan is not None and u.is_cuda:
+    """Dispatch by `backend` (see resolve_scan_backend; use_kernel=False means `torch`): our Triton kernels,
+    mamba-ssm's fused CUDA scan, or the PyTorch chunked scan (in blocks of block_size tokens when the sequence is
+    longer)."""
+    if backend not in ("triton", "mamba_ssm", "torch"):
+        backend = resolve_scan_backend(backend, u.device.type)
+    if not use_kernel or (not u.is_cuda and not (backend == "triton" and _INTERPRET)):
+        backend = "torch"  # a model built for a GPU, run on CPU tensors
+    if backend == "mamba_ssm":
         return _mamba_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if backend == "triton":
+        return _triton_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if u.shape[-1] > block_size:
         return selective_scan_blocked(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size=chunk_size, block_size=block_size

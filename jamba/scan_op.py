@@ -1,0 +1,231 @@
+"""`jamba::selective_scan`: the Triton selective scan as a torch.library custom op (fake + autograd), so
+torch.compile traces a whole Mamba layer through it. Same interface and semantics as mamba-ssm's
+`selective_scan_fn` (without return_last_state); the kernels are in jamba/scan_triton.py."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import scan_triton as kern
+
+
+@dataclass(frozen=True)
+class ScanTiling:
+    """A program holds RD*LD channels (LD along lanes/warps); the forward unrolls T_fwd steps, the backward keeps
+    T states in registers; a state is saved every K steps (K/T chunk states in the backward's scratch)."""
+
+    RD: int = 1
+    LD: int = 32
+    num_warps: int = 1
+    T_fwd: int = 8
+    T: int = 2
+    K: int = 128
+
+    def __post_init__(self) -> None:
+        for f in ("LD", "T_fwd", "T", "K", "RD"):
+            v = getattr(self, f)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"ScanTiling.{f} must be a power of two, got {v}")
+        if self.K % self.T or self.K % self.T_fwd:
+            raise ValueError(f"ScanTiling.K={self.K} must be a multiple of T={self.T} and T_fwd={self.T_fwd}")
+
+    @property
+    def block_d(self) -> int:
+        return self.RD * self.LD
+
+
+# Chosen from benchmarks/gpu_scan.py on an H200 (see benchmarks/results/); tests override it.
+TILING: dict[str, ScanTiling] = {"cuda": ScanTiling(), "cpu": ScanTiling(LD=4, T_fwd=4, T=4, K=8)}
+
+
+def tiling_for(device: torch.device) -> ScanTiling:
+    return TILING["cuda" if device.type == "cuda" else "cpu"]
+
+
+def supported(u: torch.Tensor, A: torch.Tensor) -> str | None:
+    """Why this op cannot run these inputs (None: it can)."""
+    n = A.shape[-1]
+    if n & (n - 1):
+        return f"d_state {n} is not a power of two"
+    if not u.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return "CPU tensors need TRITON_INTERPRET=1"
+    return None
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _vec(x: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0, dtype=torch.float32) if x is None else x.float().contiguous()
+
+
+def _nseg(L: int, tg: ScanTiling) -> int:
+    return -(-L // tg.K)
+
+
+def _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool):
+    b, d, L = u.shape
+    n = A.shape[1]
+    tg = tiling_for(u.device)
+    u, delta = _rows(u), _rows(delta)
+    z = _rows(z) if z is not None else None
+    A = A.float()
+    Dv, bias = _vec(D, u), _vec(delta_bias, u)
+    zz = z if z is not None else u
+    nseg = _nseg(L, tg)
+    y = torch.empty(b, d, L, device=u.device, dtype=u.dtype)
+    hs = torch.empty(b, nseg, n, d, device=u.device, dtype=torch.float32)
+    grid = (b, triton_cdiv(d, tg.block_d))
+    kern._scan_fwd_kernel[grid](
+        u, delta, A, B, C, Dv, zz, bias, y, hs, L, d, nseg,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
+        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), zz.stride(0), zz.stride(1),
+        N=n, RD=tg.RD, LD=tg.LD, T=tg.T_fwd, K=tg.K, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=tg.num_warps,
+    )  # fmt: skip
+    return y, hs
+
+
+def _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, delta_softplus: bool):
+    b, d, L = u.shape
+    n = A.shape[1]
+    tg = tiling_for(u.device)
+    g, u, delta = _rows(g), _rows(u), _rows(delta)
+    z = _rows(z) if z is not None else None
+    Af = A.float()
+    Dv, bias = _vec(D, u), _vec(delta_bias, u)
+    zz = z if z is not None else u
+    nseg, npd = hs.shape[1], triton_cdiv(d, tg.block_d)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    du = torch.empty(b, d, L, device=u.device, dtype=u.dtype)
+    ddelta = torch.empty(b, d, L, device=u.device, dtype=delta.dtype)
+    dz = torch.empty(b, d, L, device=u.device, dtype=z.dtype) if z is not None else du.new_empty(0)
+    dAp = torch.empty(b, n, d, **f32)
+    dDp = torch.empty(b, d, **f32)
+    dbp = torch.empty(b, d, **f32)
+    dBp = torch.empty(b, npd, L, n, **f32)
+    dCp = torch.empty(b, npd, L, n, **f32)
+    scratch = torch.empty(b * npd, tg.K // tg.T, n, tg.block_d, **f32)
+    kern._scan_bwd_kernel[(b, npd)](
+        u, delta, Af, B, C, Dv, zz, bias, g, hs, scratch, du, ddelta, dz, dAp, dDp, dbp, dBp, dCp,
+        L, d, nseg, npd,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Af.stride(0), Af.stride(1),
+        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), zz.stride(0), zz.stride(1),
+        g.stride(0), g.stride(1),
+        N=n, RD=tg.RD, LD=tg.LD, T=tg.T, K=tg.K, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=tg.num_warps,
+    )  # fmt: skip
+    # the partial sums, reduced in a fixed order (deterministic)
+    dA = dAp.sum(0).t().to(A.dtype)
+    dB = dBp.sum(1).to(B.dtype)  # [b, L, n]
+    dC = dCp.sum(1).to(C.dtype)
+    dD = dDp.sum(0) if D is not None else dDp.new_empty(0)
+    dbias = dbp.sum(0) if delta_bias is not None else dbp.new_empty(0)
+    return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@torch.library.custom_op("jamba::selective_scan", mutates_args=())
+def _scan_op(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@_scan_op.register_fake
+def _scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    b, d, L = u.shape
+    nseg = _nseg(L, tiling_for(u.device))
+    return u.new_empty(b, d, L), u.new_empty(b, nseg, A.shape[1], d, dtype=torch.float32)
+
+
+@torch.library.custom_op("jamba::selective_scan_bwd", mutates_args=())
+def _scan_bwd_op(
+    g: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    hs: torch.Tensor,
+    delta_softplus: bool,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
+    return _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, delta_softplus)
+
+
+@_scan_bwd_op.register_fake
+def _scan_bwd_fake(g, u, delta, A, B, C, D, z, delta_bias, hs, delta_softplus):
+    b, d, L = u.shape
+    n = A.shape[1]
+    e = u.new_empty(0, dtype=torch.float32)
+    return (
+        u.new_empty(b, d, L),
+        delta.new_empty(b, d, L),
+        A.new_empty(d, n),
+        B.new_empty(b, L, n),
+        C.new_empty(b, L, n),
+        u.new_empty(d, dtype=torch.float32) if D is not None else e,
+        z.new_empty(b, d, L) if z is not None else u.new_empty(0),
+        u.new_empty(d, dtype=torch.float32) if delta_bias is not None else e,
+    )
+
+
+def _setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
+    ctx.delta_softplus = delta_softplus
+    ctx.has = (D is not None, z is not None, delta_bias is not None)
+
+
+def _backward(ctx, gy, _ghs):
+    u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd_op(
+        gy, u, delta, A, B, C, D, z, delta_bias, hs, ctx.delta_softplus
+    )
+    has_d, has_z, has_bias = ctx.has
+    return (
+        du,
+        ddelta,
+        dA,
+        dB.transpose(1, 2),
+        dC.transpose(1, 2),
+        dD.to(D.dtype) if has_d else None,
+        dz if has_z else None,
+        dbias.to(delta_bias.dtype) if has_bias else None,
+        None,
+    )
+
+
+torch.library.register_autograd("jamba::selective_scan", _backward, setup_context=_setup)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """y [b, d, L] in u's dtype, as mamba-ssm's selective_scan_fn."""
+    return _scan_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))[0]
