@@ -11,16 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from train.metrics import read_jsonl, read_wandb_file
 
+from .commands import NAME
 from .probe import ProbeConfig, chance
-
-_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -126,7 +124,7 @@ def find_runs(sweep_dir: Path) -> list[tuple[str, Path]]:
         for (
             n
         ) in names:  # a run directory inside the sweep, never a path elsewhere (probe.json is written there)
-            if not (isinstance(n, str) and _NAME.fullmatch(n)) or n in (".", ".."):
+            if not (isinstance(n, str) and NAME.fullmatch(n)) or n in (".", ".."):
                 raise ValueError(f"{manifest}: variant name {str(n)[:100]!r} is not a plain directory name")
         return [(n, sweep_dir / n) for n in names if (sweep_dir / n).is_dir()]
     return [
