@@ -11,7 +11,8 @@ class DataConfig:
 
     `path` is a directory holding `manifest.json` and the shards written by `python -m data.prepare`
     (relative paths are relative to the CWD), a URL prefix (`https://host/corpus`), or a template
-    with `{name}` that webdataset can open, e.g. `pipe:aws s3 cp s3://bucket/corpus/{name} -`.
+    with `{name}` that webdataset can open, e.g. `pipe:aws s3 cp s3://bucket/corpus/{name} -`. A `pipe:`
+    template is a shell command: it belongs in your own config, never in data or a checkpoint.
     """
 
     path: str = "data_cache/stdlib"
@@ -32,6 +33,9 @@ class DataConfig:
     pin_memory: bool = False
     # Seconds a DataLoader worker may take for one batch before the main process raises (no hangs).
     timeout_s: float = 600.0
+    # The manifest fingerprint the corpus must have ("" = any): pins the corpus (and, with
+    # verify_checksums, every shard's bytes), so a replaced corpus fails at start-up.
+    expect_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "micro_batch_size", "prefetch_factor"):
@@ -40,5 +44,7 @@ class DataConfig:
         for name in ("num_workers", "num_streams"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.expect_fingerprint and not self.verify_checksums:
+            raise ValueError("DataConfig.expect_fingerprint pins the shards only with verify_checksums=true")
         if float(self.timeout_s) < 0:
             raise ValueError(f"DataConfig.timeout_s must be >= 0, got {self.timeout_s!r}")

@@ -19,7 +19,7 @@ from .errors import DataError
 from .manifest import ShardInfo, check_local_shards, load_manifest, location
 from .order import StreamPlan
 from .shards import read_shard
-from .state import VERSION, Layout, LoaderState
+from .state import VERSION, Layout, LoaderState, check_offsets
 from .stream import TokenStream
 
 __all__ = ["TokenLoader", "ensure_builtin_corpus"]  # the latter re-exported for the training loop
@@ -81,6 +81,11 @@ class TokenLoader:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         self.cfg, self.rank, self.world_size, self.split = cfg, rank, world_size, split
         self.manifest = load_manifest(cfg.path)
+        if cfg.expect_fingerprint and self.manifest.fingerprint != cfg.expect_fingerprint:
+            raise DataError(
+                f"{cfg.path} holds a corpus with manifest fingerprint {self.manifest.fingerprint!r}, not the "
+                f"one data.expect_fingerprint pins: the corpus was replaced or is another one"
+            )
         self.shards = self.manifest.shards(split)
         if not self.shards:
             raise DataError(
@@ -244,6 +249,7 @@ class TokenLoader:
         if self.split == "val":
             return
         st = LoaderState.from_dict(state)
+        check_offsets(st.offsets(), self.shards, st.num_streams)
         if st.seed != self.cfg.seed or st.shuffle != self.cfg.shuffle:
             raise ValueError(
                 f"state was saved with seed={st.seed}, shuffle={st.shuffle}; the config has "

@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shlex
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +19,11 @@ from .errors import DataError
 
 FORMAT = "jamba-tokens/1"
 MANIFEST = "manifest.json"
+MANIFEST_MAX_BYTES = 256 << 20  # ~1M shard entries; a larger "manifest" is not one
+# A shard is one plain file name: no directories, no `..`, nothing a shell or a command's option parser
+# reads as syntax (it starts with a letter or digit), so it can be put into a `pipe:` command safely.
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.tar")
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -98,18 +106,43 @@ class Manifest:
                 fingerprint=d["fingerprint"],
             )
             for name, sp in d["splits"].items():
+                for shard in splits[name]:
+                    _check_shard(shard, where)
                 if sp["documents"] != sum(s.documents for s in splits[name]) or sp["tokens"] != sum(
                     s.tokens for s in splits[name]
                 ):
                     raise DataError(f"{where}: split {name!r} totals do not add up over its shards")
-        except (KeyError, TypeError) as e:
+            tok_file = man.tokenizer.get("file")
+        except (KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
-        if man.compute_fingerprint() != man.fingerprint:
-            raise DataError(
-                f"{where}: fingerprint {man.fingerprint} does not match its content "
-                f"({man.compute_fingerprint()}); the manifest was edited or damaged, re-run prepare"
+        if tok_file is not None and not (isinstance(tok_file, str) and FILE_NAME.fullmatch(tok_file)):
+            raise DataError(f"{where}: tokenizer file {tok_file!r} is not a plain file name in the corpus")
+        if man.compute_fingerprint() != man.fingerprint:  # the computed value is not shown: it is no secret,
+            raise DataError(  # but an error should not hand out what to write into an edited manifest
+                f"{where}: fingerprint {man.fingerprint} does not match its content; "
+                f"the manifest was edited or damaged, re-run prepare"
             )
         return man
+
+
+def _check_shard(s: ShardInfo, where: str) -> None:
+    """A shard entry the loader can use safely: a plain name, counts that are integers, documents in it."""
+    if not (isinstance(s.name, str) and SHARD_NAME.fullmatch(s.name)):
+        raise DataError(
+            f"{where}: shard name {s.name!r} is not a plain file name ending in .tar "
+            f"(letters, digits, '._-', starting with a letter or digit)"
+        )
+    for key in ("documents", "tokens", "bytes"):
+        v = getattr(s, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise DataError(f"{where}: shard {s.name}: {key} {v!r} is not a count")
+    if s.documents < 1 or s.tokens < 1:
+        raise DataError(
+            f"{where}: shard {s.name} holds {s.documents} documents / {s.tokens} tokens; a shard without "
+            f"tokens cannot be streamed (re-run prepare)"
+        )
+    if not (isinstance(s.sha256, str) and re.fullmatch(r"[0-9a-f]{64}", s.sha256)):
+        raise DataError(f"{where}: shard {s.name}: sha256 {str(s.sha256)[:80]!r} is not a SHA-256 digest")
 
 
 def is_local(path: str) -> bool:
@@ -117,35 +150,65 @@ def is_local(path: str) -> bool:
 
 
 def location(path: str, name: str) -> str:
-    """Where file `name` of a corpus lives: a local path, `<url>/<name>`, or the `{name}` template filled."""
+    """Where file `name` of a corpus lives: a local path, `<url>/<name>`, or the `{name}` template filled.
+
+    A `pipe:` template is a shell command from the user's own config (code, never data): the name is
+    shell-quoted into it (a no-op for the plain names a manifest may hold, a guard for anything else)."""
     if "{name}" in path:
-        return path.replace("{name}", name)
+        return path.replace("{name}", shlex.quote(name) if path.startswith("pipe:") else name)
     if is_local(path):
         return os.path.join(path, name)
     return path.rstrip("/") + "/" + name
 
 
-def read_bytes(url: str) -> bytes:
-    """Whole file from a local path or any URL/pipe webdataset's gopen supports; errors name the URL."""
+def read_bytes(url: str, limit: int) -> bytes:
+    """At most `limit` bytes of a file: a local path (a regular file only, so a FIFO or a device cannot
+    hang or flood the reader), or any URL/pipe webdataset's gopen supports. More than `limit` bytes is a
+    DataError; errors name the URL."""
     if is_local(url) or url.startswith("file:"):
-        with open(url.removeprefix("file://").removeprefix("file:"), "rb") as f:
-            return f.read()
+        path = url.removeprefix("file://").removeprefix("file:")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise DataError(f"{path} is not a regular file (a FIFO, device or directory); not reading it")
+            raw = f.read(limit + 1)
+    else:
+        raw = _read_url(url, limit)
+    if len(raw) > limit:
+        raise DataError(f"{url} holds more than the {limit} bytes expected of it; not reading on")
+    return raw
+
+
+def _read_url(url: str, limit: int) -> bytes:
     from webdataset.gopen import gopen  # imports torch: keep it off the prepare workers' path
 
     try:
         stream = gopen(url, "rb")
         try:
-            return stream.read()
-        finally:
+            raw = stream.read(limit + 1)
+        except BaseException:
+            _close_quietly(stream)
+            raise
+        if len(raw) > limit:
+            _close_quietly(stream)  # a command still writing gets SIGPIPE; its status means nothing now
+        else:
             stream.close()  # a pipe's exit status is checked here
     except Exception as e:  # noqa: BLE001 - gopen raises many types; all mean "could not read"
         raise DataError(f"could not read {url}: {type(e).__name__}: {e}") from None
+    return raw
+
+
+def _close_quietly(stream) -> None:
+    try:
+        stream.close()
+    except Exception:  # noqa: BLE001, S110 - already failing or over the limit: the first error is the one
+        pass
 
 
 def load_manifest(path: str) -> Manifest:
     url = location(path, MANIFEST)
     try:
-        raw = read_bytes(url)
+        raw = read_bytes(url, MANIFEST_MAX_BYTES)
     except FileNotFoundError:
         raise DataError(
             f"no {MANIFEST} at {url}: prepare the corpus first "
@@ -176,12 +239,15 @@ def check_local_shards(path: str, shards: list[ShardInfo]) -> None:
     for s in shards:
         p = os.path.join(path, s.name)
         try:
-            size = os.path.getsize(p)
+            st = os.stat(p)
         except OSError:
             raise DataError(
                 f"shard {p} listed in the manifest is missing or unreadable; "
                 f"the manifest does not match the shards (re-run prepare)"
             ) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"shard {p} is not a regular file (a FIFO, device or directory)")
+        size = st.st_size
         if size != s.bytes:
             raise DataError(
                 f"shard {p} has {size} bytes but the manifest says {s.bytes}: "

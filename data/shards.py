@@ -93,7 +93,7 @@ class ShardWriter:
 def read_shard(url: str, info: ShardInfo, dtype: str, verify: bool = True) -> list[np.ndarray]:
     """All documents of one shard, in stored order; any mismatch with the manifest is a DataError."""
     try:
-        raw = read_bytes(url)
+        raw = read_bytes(url, info.bytes)  # never more than the manifest lists: no endless stream
     except FileNotFoundError:
         raise DataError(f"shard {url} listed in the manifest does not exist (re-run prepare)") from None
     except OSError as e:

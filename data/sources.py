@@ -1,18 +1,22 @@
 """Finding input files and turning them into documents, with every skipped input counted by reason.
 
 A `.txt`-like file is one document; a `.jsonl` file gives one document per line (its `text_field`);
-`.gz` versions of both are read transparently. Large plain `.jsonl` files are split into byte ranges
-so the tokenizer processes share them.
+`.gz` versions of both are read transparently, streamed: no document (a file, or a `.jsonl` line) may
+exceed MAX_DOCUMENT_BYTES once decompressed (a counted `too_large` skip, so a small gzip bomb cannot
+exhaust memory). Only regular files are read (a FIFO or device is an `unreadable` skip, never a hang).
+Large plain `.jsonl` files are split into byte ranges so the tokenizer processes share them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import json
 import logging
 import multiprocessing as mp
 import os
+import stat
 import sysconfig
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -24,8 +28,13 @@ from .errors import DataError
 log = logging.getLogger("data.prepare")
 
 DEFAULT_EXTS = (".txt", ".jsonl", ".md")
-SKIP_REASONS = ("unreadable", "non_utf8", "bad_json", "empty")
+SKIP_REASONS = ("unreadable", "non_utf8", "bad_json", "empty", "too_large")
 JSONL_SPLIT_BYTES = 64 << 20
+MAX_DOCUMENT_BYTES = 256 << 20
+
+
+class _TooLarge(Exception):
+    pass
 
 
 @dataclass(frozen=True)
@@ -95,29 +104,55 @@ def plan_units(files: list[str], split_bytes: int = JSONL_SPLIT_BYTES) -> list[W
     return units
 
 
+@contextlib.contextmanager
+def _open(path: str):
+    """A regular file for reading (decompressing a .gz); a FIFO or device is an OSError, not a wait."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        if path.endswith(".gz"):
+            with gzip.GzipFile(fileobj=f, mode="rb") as g:
+                yield g
+        else:
+            yield f
+
+
 def _read_all(path: str) -> bytes:
-    if path.endswith(".gz"):
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
+    with _open(path) as f:
+        raw = f.read(MAX_DOCUMENT_BYTES + 1)
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise _TooLarge(f"{path}: over {MAX_DOCUMENT_BYTES} bytes (decompressed); not read further")
+    return raw
+
+
+def _line(f) -> tuple[bytes, bool]:
+    """The next line (b"" at the end), read in bounded pieces: (line, False), or (b"\n", True) for a line
+    over MAX_DOCUMENT_BYTES, which is consumed without being kept."""
+    line = f.readline(MAX_DOCUMENT_BYTES + 1)
+    if len(line) <= MAX_DOCUMENT_BYTES:
+        return line, False
+    while line and not line.endswith(b"\n"):
+        line = f.readline(MAX_DOCUMENT_BYTES + 1)
+    return b"\n", True
 
 
 def _jsonl_lines(unit: WorkUnit):
-    """(line number or byte offset, raw line) of the lines that *start* inside the unit's range."""
-    if unit.path.endswith(".gz") or unit.end < 0:
-        for i, line in enumerate(_read_all(unit.path).splitlines(), 1):
-            yield f"line {i}", line
-        return
-    with open(unit.path, "rb") as f:
-        if unit.start > 0:
+    """(line number or byte offset, raw line) of the lines that *start* inside the unit's range; a line
+    over MAX_DOCUMENT_BYTES comes as (where, None)."""
+    with _open(unit.path) as f:
+        whole = unit.path.endswith(".gz") or unit.end < 0
+        if not whole and unit.start > 0:
             f.seek(unit.start - 1)
-            f.readline()  # finish the line that straddles `start`; it belongs to the previous unit
-        while (pos := f.tell()) < unit.end:
-            line = f.readline()
+            _line(f)  # finish the line that straddles `start`; it belongs to the previous unit
+        i = 0
+        while whole or (pos := f.tell()) < unit.end:
+            line, too_large = _line(f)
             if not line:
                 break
-            yield f"byte {pos}", line.rstrip(b"\r\n")
+            i += 1
+            where = f"line {i}" if whole else f"byte {pos}"
+            yield where, None if too_large else line.rstrip(b"\r\n")
 
 
 def read_unit(unit: WorkUnit, text_field: str = "text") -> tuple[list[str], int, list[tuple[str, str]]]:
@@ -135,6 +170,9 @@ def read_unit(unit: WorkUnit, text_field: str = "text") -> tuple[list[str], int,
                 return [], nbytes, [("non_utf8", f"{unit.path}: {e}")]
             return ([text], nbytes, []) if text else ([], nbytes, [("empty", unit.path)])
         for where, line in _jsonl_lines(unit):
+            if line is None:
+                skips.append(("too_large", f"{unit.path} {where}: over {MAX_DOCUMENT_BYTES} bytes"))
+                continue
             nbytes += len(line) + 1
             if not line.strip():
                 continue
@@ -153,7 +191,9 @@ def read_unit(unit: WorkUnit, text_field: str = "text") -> tuple[list[str], int,
                 skips.append(("empty", f"{unit.path} {where}"))
             else:
                 texts.append(value)
-    except (OSError, EOFError, zlib.error) as e:  # missing, permission, broken symlink, bad gzip
+    except _TooLarge as e:
+        return [], nbytes, [("too_large", str(e))]
+    except (OSError, EOFError, zlib.error) as e:  # missing, permission, broken symlink, bad gzip, a FIFO
         return [], nbytes, [("unreadable", f"{unit.path}: {type(e).__name__}: {e}")]
     return texts, nbytes, skips
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 VERSION = 1
+MAX_EPOCHS = 10_000  # a stream further in than this is a damaged state, not a run (seeking it would hang)
 
 
 @dataclass(frozen=True)
@@ -120,4 +121,28 @@ class LoaderState:
             raise ValueError(
                 f"malformed data loader state: {len(st.base)} offsets for {st.num_streams} streams"
             )
+        lay = st.layout
+        if (
+            min(lay.world_size, lay.micro_batch_size, lay.seq_len) < 1
+            or lay.num_workers < 0
+            or (lay.slots > st.num_streams)
+        ):
+            raise ValueError(f"malformed data loader state: layout {lay} for {st.num_streams} streams")
         return st
+
+
+def check_offsets(offsets: list[int], shards: list, num_streams: int) -> None:
+    """DataError for an offset no run reaches: more than MAX_EPOCHS epochs of the largest share of tokens
+    one stream can get per epoch (its ceil(shards / streams) largest shards)."""
+    from .errors import DataError
+
+    per_epoch = sorted((s.stream_tokens for s in shards), reverse=True)[
+        : -(-len(shards) // max(1, num_streams))
+    ]
+    bound = MAX_EPOCHS * sum(per_epoch)
+    for s, off in enumerate(offsets):
+        if off > bound:
+            raise DataError(
+                f"data loader state: stream {s} is at token offset {off}, more than {MAX_EPOCHS} epochs into "
+                f"this corpus; the state is damaged or belongs to another corpus"
+            )

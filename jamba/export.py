@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -104,6 +105,10 @@ def _state_file_in(folder: Path) -> Path:
 
 def _load_deepspeed(folder: Path) -> tuple[JambaConfig, dict[str, torch.Tensor]]:
     tag = (folder / "latest").read_text().strip()
+    if not re.fullmatch(r"(global_)?step_?\d+", tag):  # a child of the folder, never a path elsewhere
+        raise CheckpointError(
+            f"{folder / 'latest'} names {tag[:100]!r}, not a step_N (or DeepSpeed global_stepN) folder in {folder}"
+        )
     tag_dir = folder / tag
     state, config = tag_dir / DEEPSPEED_STATE, tag_dir / DEEPSPEED_CONFIG
     lacking = [str(p) for p in (state, config) if not p.is_file()]

@@ -8,8 +8,13 @@ tests check the exact command lines of a 2-node x 8-GPU job on a laptop.
 Environment, the same for every launcher: `launch_env` = defaults (NCCL_NVLS_ENABLE=0, ...) + the
 caller's NCCL_* / WANDB_* / TORCH_* / ... variables + `--env K=V`. Remote nodes get it through the
 deepspeed runner's env file (DS_ENV_FILE), `env K=V` in the ssh command, or srun's --export=ALL.
-Variables that look like secrets (*KEY*, *TOKEN*, *SECRET*, *PASSWORD*) are never copied into files or
-command lines; remote nodes authenticate on their own (`wandb login` writes ~/.netrc).
+Names must be identifiers and values one line; each value is escaped for every shell it crosses (the env
+file under the runner's pdsh wrapping, the ssh line, the batch script). Variables that look like secrets
+(`*_KEY`, `*_TOKEN`, `*_SECRET`, `*_PASSWORD`) are never written to files or command lines, nor printed:
+`--env` refuses them, the caller's copies are not passed on, and the deepspeed runner of a multi-node job
+does not see those it would copy into its pdsh command line (MLFLOW_*, NCCL_*, ...). Processes on this
+machine and Slurm jobs inherit them from the launching environment; nodes reached over ssh/pdsh
+authenticate on their own (`wandb login` writes ~/.netrc).
 """
 
 from __future__ import annotations
@@ -56,7 +61,15 @@ PASS_PREFIXES = (
     "PYTORCH_CUDA_ALLOC_CONF",
     "HYDRA_FULL_ERROR",
 )
-_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD", re.IGNORECASE)
+_SECRET = re.compile(
+    r"(?:^|_)(?:(?:API)?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)(?:_|$)", re.IGNORECASE
+)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+NAME = re.compile(r"[A-Za-z0-9._-]+")  # a run, sweep or variant name: one directory, never `.` or `..`
+# Prefixes of the variables the deepspeed runner copies from its own environment into every node's exports
+# (deepspeed.launcher.runner EXPORT_ENVS + the CUDA accelerator's), and the characters it leaves unquoted.
+DS_COPIED = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
+_DS_PLAIN = re.compile(r"[\w@%+=:,./-]*")
 
 
 class LaunchError(ValueError):
@@ -111,13 +124,41 @@ class LaunchSpec:
         return [*self.overrides, *extra]
 
 
+def check_name(what: str, name: str) -> str:
+    if not NAME.fullmatch(name) or name in (".", ".."):
+        raise LaunchError(f"{what} {name[:100]!r}: letters, digits, '.', '-', '_' only (and not . or ..)")
+    return name
+
+
+def is_secret(name: str) -> bool:
+    """WANDB_API_KEY, HF_TOKEN, MLFLOW_TRACKING_PASSWORD, AWS_SECRET_ACCESS_KEY, ... (not NCCL_IB_PKEY)."""
+    return bool(_SECRET.search(name))
+
+
+def check_env(env: dict[str, str], what: str = "--env") -> None:
+    """Names that every shell reads as one name, values on one line; no secrets (see the module doc)."""
+    for k, v in env.items():
+        if not _ENV_NAME.fullmatch(k):
+            raise LaunchError(f"{what} {k[:100]!r}: a variable name must be letters, digits and '_'")
+        if any(c in v for c in "\n\r\0"):
+            raise LaunchError(f"{what} {k}: the value holds a line break or NUL; values must be one line")
+        if is_secret(k):
+            raise LaunchError(
+                f"{what} {k}: looks like a secret, and secrets are never written to launch files or command "
+                f"lines; export {k} in the environment of this command instead (docs/launch.md, Secrets)"
+            )
+
+
 def launch_env(spec: LaunchSpec, environ: dict[str, str] | None = None) -> dict[str, str]:
     """The variables every rank must see (not the whole environment: what is exported to other nodes)."""
     environ = dict(os.environ if environ is None else environ)
     out = dict(DEFAULT_ENV)
-    out.update({k: v for k, v in environ.items() if k.startswith(PASS_PREFIXES) and not _SECRET.search(k)})
+    passed = {k: v for k, v in environ.items() if k.startswith(PASS_PREFIXES) and not is_secret(k)}
+    check_env(passed, "the environment variable")
+    out.update(passed)
     if spec.wandb_mode:
         out["WANDB_MODE"] = spec.wandb_mode
+    check_env(spec.env)
     out.update(spec.env)
     return out
 
@@ -130,15 +171,32 @@ def parse_env(items: list[str]) -> dict[str, str]:
         if not sep or not k:
             raise LaunchError(f"--env wants KEY=VALUE, got {item!r}")
         out[k] = v
+    check_env(out)
     return out
 
 
-def env_file_text(env: dict[str, str]) -> str:
-    """The deepspeed runner's env-file format (`.deepspeed_env`): KEY=VALUE lines, exported on every node."""
-    for k, v in env.items():
-        if "\n" in v or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
-            raise LaunchError(f"cannot export {k!r}: names must be identifiers and values one line")
-    return "".join(f"{k}={v}\n" for k, v in sorted(env.items()))
+def env_file_text(env: dict[str, str], ds_launcher: str = "pdsh") -> str:
+    r"""The deepspeed runner's env-file format (`.deepspeed_env`): KEY=VALUE lines, exported on every node.
+
+    The runner strips each value and wraps one holding anything but `[\w@%+=:,./-]` in double quotes;
+    pdsh then hands `export K="V"; ...` to a shell on every node. So for pdsh, backslash, `$`, backtick
+    and `"` are escaped (inside double quotes they would expand); the other backends pass the value as an
+    argument, where the quotes would stay in it: they get plain values only (srun --export splits at commas)."""
+    check_env(env, "cannot export")
+    lines = []
+    for k, v in sorted(env.items()):
+        if v != v.strip():
+            raise LaunchError(f"cannot export {k}: the deepspeed runner strips the spaces around {v!r}")
+        if ds_launcher == "pdsh":
+            v = re.sub(r'([\\$`"])', r"\\\1", v)
+        elif not _DS_PLAIN.fullmatch(v) or (ds_launcher == "slurm" and "," in v):
+            raise LaunchError(
+                f"cannot export {k}={v!r} through the deepspeed runner's {ds_launcher} backend, which would "
+                f"pass it {'split at commas' if _DS_PLAIN.fullmatch(v) else 'wrapped in quotes'}; use "
+                f"--ds-launcher pdsh or --launcher torchrun, or set it in the environment on the nodes"
+            )
+        lines.append(f"{k}={v}\n")
+    return "".join(lines)
 
 
 # ---- the deepspeed runner --------------------------------------------------------------------------------
@@ -182,10 +240,13 @@ def _pdsh_quote(arg: str) -> str:
 
 def deepspeed_env(
     spec: LaunchSpec, env_file: str | Path, environ: dict[str, str] | None = None
-) -> dict[str, str]:
-    """The deepspeed runner process's environment: the launch env, plus DS_ENV_FILE naming the file it
-    exports to the other nodes (write `env_file_text(launch_env(spec) + master)` there)."""
-    return {**launch_env(spec, environ), "DS_ENV_FILE": str(Path(env_file).absolute())}
+) -> dict[str, str | None]:
+    """Changes to the deepspeed runner process's environment: the launch env, DS_ENV_FILE naming the file
+    it exports to the other nodes (write `env_file_text(launch_env(spec) + master)` there), and None (to
+    remove) for each secret-looking variable a multi-node runner would copy into its logged pdsh command."""
+    environ = dict(os.environ if environ is None else environ)
+    drop = {k: None for k in environ if spec.nodes > 1 and k.startswith(DS_COPIED) and is_secret(k)}
+    return {**drop, **launch_env(spec, environ), "DS_ENV_FILE": str(Path(env_file).absolute())}
 
 
 def deepspeed_exports(spec: LaunchSpec, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -202,7 +263,7 @@ class NodeCommand:
 
     def shell(self, workdir: str) -> str:
         """One line for a shell on `host`: cd, environment, command."""
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()) if not _SECRET.search(k))
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()) if not is_secret(k))
         return f"cd {shlex.quote(workdir)} && env {env} {shlex.join(self.argv)}"
 
     def ssh(self, workdir: str) -> list[str]:

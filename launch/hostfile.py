@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-_LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.:\-\[\]@]+)\s+slots\s*=\s*(?P<slots>\S+)\s*$")
+_LINE = re.compile(r"^(?P<host>[A-Za-z0-9_\[][A-Za-z0-9_.:\-\[\]@]*)\s+slots\s*=\s*(?P<slots>\S+)\s*$")
 LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 

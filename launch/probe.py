@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -110,18 +111,24 @@ def score(
     return out
 
 
-def probe_checkpoint(ckpt: str | Path, cfg: ProbeConfig = ProbeConfig(), device: str = "cpu") -> dict:
-    """Score one checkpoint (a step_* directory or a checkpoint root) with the tokenizer of its corpus."""
+def probe_checkpoint(
+    ckpt: str | Path, cfg: ProbeConfig = ProbeConfig(), device: str = "cpu", data: str | None = None
+) -> dict:
+    """Score one checkpoint (a step_* directory or a checkpoint root) with the tokenizer of its corpus:
+    `data`, else the checkpoint's data.path when that is a local directory (never a URL or pipe: command
+    from a checkpoint)."""
+    from data.errors import DataError
     from data.tokenizer import ByteTokenizer, tokenizer_for_corpus
-    from train.checkpoint import read_state, resolve
-    from train.eval import load_model
+    from train.checkpoint import CheckpointError, read_state, resolve
+    from train.eval import load_model, run_data_path
 
     ckpt = resolve(ckpt)
     state = read_state(ckpt)
     try:
-        tokenizer = tokenizer_for_corpus(state["config"]["data"]["path"])
-    except (OSError, KeyError, ValueError):
-        tokenizer = ByteTokenizer()  # the corpus moved: the built-in one is byte-level
+        tokenizer = tokenizer_for_corpus(run_data_path(state, data))
+    except (OSError, KeyError, ValueError, DataError, CheckpointError) as e:
+        logging.getLogger("launch.probe").warning("%s; probing with the byte tokenizer", e)
+        tokenizer = ByteTokenizer()  # the corpus moved (or is remote): the built-in one is byte-level
     model = load_model(ckpt, torch.device(device))
     return {"checkpoint": str(ckpt), "step": state["step"], **score(model, tokenizer, cfg, device)}
 
@@ -137,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=200, help="prompts per K")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", help="corpus whose tokenizer to use (default: the run's, if a local directory)")
     a = p.parse_args(argv)
     cfg = ProbeConfig(num_pairs=tuple(int(x) for x in a.pairs.split(",")), num_prompts=a.prompts, seed=a.seed)
     for c in a.checkpoints:
-        print(json.dumps(probe_checkpoint(c, cfg, a.device)))
+        print(json.dumps(probe_checkpoint(c, cfg, a.device, a.data)))
     return 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from train.metrics import read_jsonl, read_wandb_file
 
+from .commands import NAME
 from .probe import ProbeConfig, chance
 
 
@@ -97,7 +98,7 @@ def load_run(run_dir: Path, name: str | None = None) -> RunResult:
     return res
 
 
-def probe_run(res: RunResult, cfg: ProbeConfig, device: str = "cpu") -> dict | None:
+def probe_run(res: RunResult, cfg: ProbeConfig, device: str = "cpu", data: str | None = None) -> dict | None:
     """The probe's scores on the run's newest checkpoint, from <run>/probe.json when it scored that step
     with the same settings."""
     if res.checkpoint is None:
@@ -110,7 +111,7 @@ def probe_run(res: RunResult, cfg: ProbeConfig, device: str = "cpu") -> dict | N
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
             return cached["result"]
-    result = probe_checkpoint(res.checkpoint, cfg, device)
+    result = probe_checkpoint(res.checkpoint, cfg, device, data)
     cache.write_text(json.dumps({"key": key, "result": result}, indent=1))
     return result
 
@@ -119,8 +120,13 @@ def find_runs(sweep_dir: Path) -> list[tuple[str, Path]]:
     """Runs in the sweep manifest's order (sweep.json), else every subdirectory holding metrics or W&B files."""
     manifest = sweep_dir / "sweep.json"
     if manifest.is_file():
-        found = [(v["name"], sweep_dir / v["name"]) for v in json.loads(manifest.read_text())["variants"]]
-        return [(n, p) for n, p in found if p.is_dir()]
+        names = [v["name"] for v in json.loads(manifest.read_text())["variants"]]
+        for (
+            n
+        ) in names:  # a run directory inside the sweep, never a path elsewhere (probe.json is written there)
+            if not (isinstance(n, str) and NAME.fullmatch(n)) or n in (".", ".."):
+                raise ValueError(f"{manifest}: variant name {str(n)[:100]!r} is not a plain directory name")
+        return [(n, sweep_dir / n) for n in names if (sweep_dir / n).is_dir()]
     return [
         (p.name, p)
         for p in sorted(sweep_dir.iterdir())
@@ -252,9 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", default="4,8,16", help="probe: numbers of key-value pairs")
     p.add_argument("--prompts", type=int, default=200, help="probe: prompts per K")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--data", help="probe: corpus whose tokenizer to use (default: each run's local data.path)"
+    )
     a = p.parse_args(argv)
     sweep_dir = Path(a.sweep_dir)
-    runs = find_runs(sweep_dir) if sweep_dir.is_dir() else []
+    try:
+        runs = find_runs(sweep_dir) if sweep_dir.is_dir() else []
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not runs:
         print(f"error: no runs under {sweep_dir}", file=sys.stderr)
         return 2
@@ -267,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, run_dir in runs:
         res = load_run(run_dir, name)
         if probe_cfg is not None:
-            res.probe = probe_run(res, probe_cfg, a.device)
+            res.probe = probe_run(res, probe_cfg, a.device, a.data)
         results.append(res)
     text = markdown(results, probe_cfg)
     if a.output:

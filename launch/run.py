@@ -44,18 +44,24 @@ class Plan:
 
     cwd: str
     files: dict[Path, str] = field(default_factory=dict)
-    procs: list[tuple[str, list[str], dict[str, str]]] = field(
+    procs: list[tuple[str, list[str], dict[str, str | None]]] = field(
         default_factory=list
-    )  # (what, argv, env additions)
+    )  # (what, argv, env changes: a value, or None to remove the variable)
 
     def describe(self) -> str:
         out = []
         for path, text in self.files.items():
             out.append(f"# file {path}\n{text.rstrip()}")
         for what, argv, env in self.procs:
-            prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
+            unset = [f"-u {k}" for k, v in sorted(env.items()) if v is None]
+            sets = [f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()) if v is not None]
+            prefix = " ".join(["env", *unset] * bool(unset) + sets)
             out.append(f"# {what}\n{prefix + ' ' if prefix else ''}{shlex.join(argv)}")
         return "\n\n".join(out) + "\n"
+
+
+def child_env(changes: dict[str, str | None]) -> dict[str, str]:
+    return {k: v for k, v in {**os.environ, **changes}.items() if v is not None}
 
 
 def make_plan(
@@ -72,7 +78,8 @@ def make_plan(
             hostfile = launch_dir / "hostfile"
             plan.files[hostfile] = "".join(h.line() + "\n" for h in spec.hosts)
         env_file = launch_dir / "ds_env"
-        plan.files[env_file] = env_file_text(deepspeed_exports(spec, environ))
+        backend = spec.ds_launcher if spec.nodes > 1 else "pdsh"  # one node: the runner exports nothing
+        plan.files[env_file] = env_file_text(deepspeed_exports(spec, environ), backend)
         plan.procs.append(
             (
                 "deepspeed runner (starts every node)",
@@ -103,7 +110,7 @@ def execute(plan: Plan, timeout: float | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     procs = [
-        subprocess.Popen(argv, env={**os.environ, **env}, cwd=plan.cwd, start_new_session=True)
+        subprocess.Popen(argv, env=child_env(env), cwd=plan.cwd, start_new_session=True)
         for _, argv, env in plan.procs
     ]
 

@@ -20,7 +20,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .commands import ENTRY, LaunchError, LaunchSpec, launch_env, parse_env, shell_join, srun_torchrun_command
+from .commands import (
+    ENTRY,
+    LaunchError,
+    LaunchSpec,
+    env_file_text,
+    launch_env,
+    parse_env,
+    shell_join,
+    srun_torchrun_command,
+)
 from .hostfile import Host
 
 MODES = ("torchrun", "deepspeed")
@@ -44,11 +53,12 @@ class SlurmOptions:
             raise LaunchError(f"--mode must be one of {MODES}, got {self.mode!r}")
         if self.nodes < 1 or self.gpus_per_node < 1:
             raise LaunchError("--nodes and --gpus-per-node must be >= 1")
-
-
-def _dq(value: str) -> str:
-    """For an unquoted heredoc line: keep the text literal."""
-    return value.replace("\\", "\\\\").replace("$", "\\$").replace("`", "\\`")
+        for key in ("job_name", "partition", "account", "time", "output"):
+            value = getattr(self, key) or ""
+            if any(c in value for c in "\n\r\0"):  # each is one #SBATCH line of the script
+                raise LaunchError(f"--{key.replace('_', '-')} {value!r}: a line break ends the #SBATCH line")
+        if any(c in a for a in self.sbatch_args for c in "\n\r\0"):
+            raise LaunchError("--sbatch-arg: a line break ends the #SBATCH line")
 
 
 def render_sbatch(spec: LaunchSpec, opts: SlurmOptions, environ: dict[str, str] | None = None) -> str:
@@ -90,14 +100,14 @@ def render_sbatch(spec: LaunchSpec, opts: SlurmOptions, environ: dict[str, str] 
             'mkdir -p "$LAUNCH_DIR"',
             f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots={opts.gpus_per_node}/" '
             '> "$LAUNCH_DIR/hostfile"',
-            "# exported on every node by the deepspeed runner (DS_ENV_FILE)",
-            'cat > "$LAUNCH_DIR/ds_env" <<EOF',
+            "# exported on every node by the deepspeed runner (DS_ENV_FILE); a quoted delimiter: nothing expands",
+            "cat > \"$LAUNCH_DIR/ds_env\" <<'EOF'",
         ]
-        lines += [f"{k}={_dq(v)}" for k, v in sorted(env.items())]
+        lines.append(env_file_text(env, spec.ds_launcher if opts.nodes > 1 else "pdsh").rstrip("\n"))
         lines += [
-            "MASTER_ADDR=$MASTER_ADDR",
-            "MASTER_PORT=$MASTER_PORT",
             "EOF",
+            'echo "MASTER_ADDR=$MASTER_ADDR" >> "$LAUNCH_DIR/ds_env"',
+            'echo "MASTER_PORT=$MASTER_PORT" >> "$LAUNCH_DIR/ds_env"',
             'export DS_ENV_FILE="$PWD/$LAUNCH_DIR/ds_env"',
         ]
         cmd = [

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .commands import LaunchError, LaunchSpec, local_command
+from .commands import LaunchError, LaunchSpec, check_name, local_command
 from .hostfile import Host
 
 RATIOS = ("attn", "1:3", "1:7", "mamba")
@@ -118,8 +118,17 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def _is_hydra(key: str) -> bool:
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
 def plan_variants(a: argparse.Namespace) -> list[Variant]:
     for o in a.overrides:
+        if _is_hydra(_key(o)):  # hydra.callbacks, hydra.job.env_set, ... run code or redirect outputs
+            raise LaunchError(
+                f"{o!r}: the sweep passes no hydra.* overrides to its runs (they can run code at start-up); "
+                f"put Hydra settings in a config file of your own"
+            )
         if _key(o) in OWNED:
             raise LaunchError(
                 f"{o!r}: the sweep sets {_key(o)} for every run (use --preset, --steps, --name, "
@@ -133,7 +142,7 @@ def plan_variants(a: argparse.Namespace) -> list[Variant]:
     experts = a.experts or (mcfg.num_experts if mcfg.num_experts > 1 else 16)
     axes = [(k, vs.split(",")) for k, _, vs in (ax.partition("=") for ax in a.axis)]
     for k, vs in axes:
-        if not k or not all(vs) or _key(k) in OWNED:
+        if not k or not all(vs) or _key(k) in OWNED or _is_hydra(_key(k)):
             raise LaunchError(
                 f"--axis wants KEY=V1,V2 for a key the sweep does not set, got {k}={','.join(vs)}"
             )
@@ -146,6 +155,7 @@ def plan_variants(a: argparse.Namespace) -> list[Variant]:
                 *(f"{k.rsplit('.', 1)[-1]}-{v}" for (k, _), v in zip(axes, values, strict=True)),
             ]
         )
+        check_name("variant name", name)  # one directory under the sweep (an --axis value is in it)
         run_dir = Path(a.root) / f"sweep-{a.name}" / name
         pattern = layer_pattern(mcfg.num_hidden_layers, ratio, moe)
         layout = [f"model.layer_pattern={pattern}", f"model.num_experts={experts if moe else 1}"]
@@ -335,10 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if a.experiment is None:
         a.experiment = "ablation-debug" if a.preset == "debug" else "ablation"
-    if not re.fullmatch(r"[\w.\-]+", a.name):
-        print(f"error: --name {a.name!r}: letters, digits, '.', '-', '_' only", file=sys.stderr)
-        return 2
     try:
+        check_name("--name", a.name)
         variants = plan_variants(a)
     except Exception as e:  # noqa: BLE001 - LaunchError, ConfigError, Hydra's composition errors
         print(f"error: {e}", file=sys.stderr)

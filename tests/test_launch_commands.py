@@ -158,7 +158,7 @@ def test_slurm_script(mode):
         assert script.rstrip().endswith("-m train 'model.layer_pattern=MM*M'")
     else:  # builds the hostfile, deepspeed's slurm backend runs srun -n 16: 8 tasks per node
         assert "#SBATCH --ntasks-per-node=8\n" in script
-        assert 'sed "s/$/ slots=8/"' in script and "MASTER_ADDR=$MASTER_ADDR\n" in script
+        assert 'sed "s/$/ slots=8/"' in script and 'echo "MASTER_ADDR=$MASTER_ADDR" >>' in script
         assert "--no_ssh_check --launcher slurm launch/entry.py 'model.layer_pattern=MM*M'" in script
     if shutil.which("bash"):
         subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # valid shell

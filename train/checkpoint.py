@@ -72,12 +72,12 @@ def find_latest(root: str | Path) -> Path | None:
     pointer = root / LATEST
     if pointer.is_file():
         tag = pointer.read_text().strip()
-        if tag and is_complete(root / tag):
+        if _TAG.fullmatch(tag) and is_complete(root / tag):  # a step_N child: never a path out of root
             return root / tag
         log.warning(
-            "%s names %r, which is not a complete checkpoint; looking for the newest complete one",
+            "%s names %r, which is not a complete step_N checkpoint in it; looking for the newest complete one",
             pointer,
-            tag,
+            tag[:100],
         )
     done = [p for _, p in _tags(root) if is_complete(p)]
     return done[-1] if done else None

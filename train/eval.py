@@ -2,7 +2,8 @@
 
 <checkpoint> is a step_* directory or a checkpoint root (then its latest complete checkpoint). The model
 comes from its model_config.json + model_state.safetensors (no pickled code is run); the data defaults to
-the split the run validated on. One process; prints a JSON line.
+the split the run validated on. One process; prints a JSON line. Nothing in the checkpoint is run: a
+remote `data.path` (a URL or a `pipe:` command) recorded there is never used; give --data for one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from data import DataConfig, DataError, TokenLoader
+from data.manifest import is_local
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.hf_compat import load_hf_state_dict
 
@@ -38,6 +40,23 @@ def load_model(ckpt: Path, device: torch.device) -> JambaForCausalLM:
     model = JambaForCausalLM(cfg, init=False)
     load_hf_state_dict(model, load_file(str(weights)))
     return model.to(device).eval()
+
+
+def run_data_path(state: dict, given: str | None) -> str:
+    """The corpus to read: `given` (the caller's own argument), else the checkpoint's data.path if it is a
+    local path. A URL or `pipe:` command from a checkpoint is never used: whoever wrote the file would
+    choose what runs here."""
+    if given:
+        return given
+    path = state.get("config", {}).get("data", {}).get("path")
+    if not isinstance(path, str) or not path:
+        raise CheckpointError("the checkpoint names no data.path; give --data")
+    if not is_local(path) or path.startswith("file:"):
+        raise CheckpointError(
+            f"the checkpoint's data.path {path[:200]!r} is not a local directory; a URL or pipe: command "
+            f"from a checkpoint is never used: give --data"
+        )
+    return path
 
 
 @torch.no_grad()
@@ -77,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         state = read_state(ckpt)
         run_data = state["config"]["data"]
         dcfg = DataConfig(
-            path=a.data or run_data["path"],
+            path=run_data_path(state, a.data),
             seq_len=a.seq_len or run_data["seq_len"],
             micro_batch_size=a.micro_batch_size,
         )
