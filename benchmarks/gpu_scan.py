@@ -89,11 +89,15 @@ def measure(fn, leaves, dy, reps):
     return fwd, both, peak
 
 
+DEFAULT = scan_op.TILING["cuda"]
+
+
 def parse_tiling(spec: str) -> scan_op.ScanTiling:
+    """`default`, or comma-separated ScanTiling fields over the default (e.g. `T=2,K=256`)."""
     if spec == "default":
-        return scan_op.TILING["cuda"]
+        return DEFAULT
     kw = {k: int(v) for k, v in (p.split("=") for p in spec.split(","))}
-    return dataclasses.replace(scan_op.TILING["cuda"], **kw)
+    return dataclasses.replace(DEFAULT, **kw)
 
 
 def main() -> None:

@@ -14,31 +14,27 @@ from . import scan_triton as kern
 
 @dataclass(frozen=True)
 class ScanTiling:
-    """A program holds RD*LD channels (LD along lanes/warps); the forward unrolls T_fwd steps, the backward keeps
-    T states in registers; a state is saved every K steps (K/T chunk states in the backward's scratch)."""
+    """A program holds BD channels (one a lane); the forward moves T_fwd-step tiles, the backward T-step tiles
+    and T states in registers; a state is saved every K steps (K/T chunk states in the backward's scratch)."""
 
-    RD: int = 1
-    LD: int = 32
+    BD: int = 16
     num_warps: int = 1
     T_fwd: int = 8
-    T: int = 2
+    T: int = 4
     K: int = 128
+    stages: int = 1  # software pipelining of each chunk loop (tl.range num_stages): loads issued ahead
 
     def __post_init__(self) -> None:
-        for f in ("LD", "T_fwd", "T", "K", "RD"):
+        for f in ("BD", "T_fwd", "T", "K"):
             v = getattr(self, f)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"ScanTiling.{f} must be a power of two, got {v}")
         if self.K % self.T or self.K % self.T_fwd:
             raise ValueError(f"ScanTiling.K={self.K} must be a multiple of T={self.T} and T_fwd={self.T_fwd}")
 
-    @property
-    def block_d(self) -> int:
-        return self.RD * self.LD
-
 
 # Chosen from benchmarks/gpu_scan.py on an H200 (see benchmarks/results/); tests override it.
-TILING: dict[str, ScanTiling] = {"cuda": ScanTiling(), "cpu": ScanTiling(LD=4, T_fwd=4, T=4, K=8)}
+TILING: dict[str, ScanTiling] = {"cuda": ScanTiling(), "cpu": ScanTiling(BD=4, T_fwd=4, T=4, K=8)}
 
 
 def tiling_for(device: torch.device) -> ScanTiling:
@@ -73,18 +69,18 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool):
     tg = tiling_for(u.device)
     u, delta = _rows(u), _rows(delta)
     z = _rows(z) if z is not None else None
-    A = A.float()
+    A = A.float().t().contiguous().t()  # [d, n] with d the unit stride: channels go on lanes
     Dv, bias = _vec(D, u), _vec(delta_bias, u)
     zz = z if z is not None else u
     nseg = _nseg(L, tg)
     y = torch.empty(b, d, L, device=u.device, dtype=u.dtype)
     hs = torch.empty(b, nseg, n, d, device=u.device, dtype=torch.float32)
-    grid = (b, triton_cdiv(d, tg.block_d))
+    grid = (b, triton_cdiv(d, tg.BD))
     kern._scan_fwd_kernel[grid](
         u, delta, A, B, C, Dv, zz, bias, y, hs, L, d, nseg,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), zz.stride(0), zz.stride(1),
-        N=n, RD=tg.RD, LD=tg.LD, T=tg.T_fwd, K=tg.K, HAS_D=D is not None, HAS_Z=z is not None,
+        N=n, BD=tg.BD, T=tg.T_fwd, K=tg.K, STAGES=tg.stages, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=tg.num_warps,
     )  # fmt: skip
     return y, hs
@@ -96,10 +92,10 @@ def _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, delta_softplus: bool):
     tg = tiling_for(u.device)
     g, u, delta = _rows(g), _rows(u), _rows(delta)
     z = _rows(z) if z is not None else None
-    Af = A.float()
+    Af = A.float().t().contiguous().t()
     Dv, bias = _vec(D, u), _vec(delta_bias, u)
     zz = z if z is not None else u
-    nseg, npd = hs.shape[1], triton_cdiv(d, tg.block_d)
+    nseg, npd = hs.shape[1], triton_cdiv(d, tg.BD)
     f32 = dict(device=u.device, dtype=torch.float32)
     du = torch.empty(b, d, L, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(b, d, L, device=u.device, dtype=delta.dtype)
@@ -109,14 +105,14 @@ def _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, delta_softplus: bool):
     dbp = torch.empty(b, d, **f32)
     dBp = torch.empty(b, npd, L, n, **f32)
     dCp = torch.empty(b, npd, L, n, **f32)
-    scratch = torch.empty(b * npd, tg.K // tg.T, n, tg.block_d, **f32)
+    scratch = torch.empty(b * npd, tg.K // tg.T, n, tg.BD, **f32)
     kern._scan_bwd_kernel[(b, npd)](
         u, delta, Af, B, C, Dv, zz, bias, g, hs, scratch, du, ddelta, dz, dAp, dDp, dbp, dBp, dCp,
         L, d, nseg, npd,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Af.stride(0), Af.stride(1),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), zz.stride(0), zz.stride(1),
         g.stride(0), g.stride(1),
-        N=n, RD=tg.RD, LD=tg.LD, T=tg.T, K=tg.K, HAS_D=D is not None, HAS_Z=z is not None,
+        N=n, BD=tg.BD, T=tg.T, K=tg.K, STAGES=tg.stages, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=tg.num_warps,
     )  # fmt: skip
     # the partial sums, reduced in a fixed order (deterministic)

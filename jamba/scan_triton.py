@@ -1,12 +1,13 @@
 """Mamba-1 selective scan in Triton: forward and backward kernels (the reference is jamba.scan.selective_scan_ref).
 
-Design (see docs/model.md, "Selective scan kernels"):
-- One program per (batch, block of RD*LD channels); each holds its channels' [d_state] states in fp32 registers
-  as an [RD, N, LD] tensor and walks time sequentially. Triton spreads the last axis over lanes first, so LD
-  picks how many lanes share the channels and RD how many channels a thread holds: reductions over the state
-  axis (y, du, d_delta) and over channels (dB, dC) are then mostly in-thread adds.
-- B_t and C_t ([N] per step) are loaded once per program and shared by all its channels; decays use exp2 with
-  A pre-scaled by log2(e).
+Design (docs/model.md, "Selective scan kernels"):
+- One program per (batch, block of BD channels); its states are an [N, BD] fp32 tensor in registers (Triton
+  puts the channel axis on the lanes, so each thread holds one channel's N states: the reduction over states
+  for y, du and d_delta is in-thread) and it walks time sequentially.
+- Per-channel inputs (u, delta, z, dout) are read and outputs written as [BD, T] tiles, each thread moving its
+  channel's T consecutive steps in one vector access; a step takes its column out of the tile in registers
+  (a masked in-thread sum the compiler folds). B_t and C_t ([N] per step) are shared by the program's channels.
+  Decays use exp2 with A pre-scaled by log2(e).
 - The forward saves only the state at the start of every K-step segment ([b, L/K, N, d] fp32).
 - The backward walks segments backwards: it recomputes the segment's T-step chunk-start states (to a small
   scratch), then per chunk recomputes the T states in registers and runs the adjoint recurrence backwards.
@@ -31,15 +32,29 @@ def _softplus(x):
 
 
 @triton.jit
-def _delta(dl_ptrs, t, tm, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """delta at step t (0 where masked, so the step is the identity) and its raw pre-activation."""
-    x = tl.load(dl_ptrs + t, mask=tm, other=0.0).to(tl.float32)
+def _col(tile, tt, i: tl.constexpr):
+    """Column i of a [BD, T] tile as a [1, BD] row (a thread's own registers: the selects fold away)."""
+    return tl.sum(tl.where(tt == i, tile, -0.0), axis=1)[None, :]
+
+
+@triton.jit
+def _put(tile, tt, i: tl.constexpr, v):
+    """The tile with column i replaced by v ([BD])."""
+    return tl.where(tt == i, v[:, None], tile)
+
+
+@triton.jit
+def _delta_tile(dl_p, tt, t0, L, dm, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta for steps t0..t0+T of the program's channels ([BD, T]; 0 where masked, so those steps are the
+    identity) and its raw pre-activation."""
+    m = dm & (t0 + tt < L)
+    x = tl.load(dl_p + t0 + tt, mask=m, other=0.0).to(tl.float32)
     if HAS_BIAS:
         x = x + bias
     dt = x
     if SOFTPLUS:
         dt = _softplus(x)
-    return tl.where(tm, dt, 0.0), x
+    return tl.where(m, dt, 0.0), x, m
 
 
 @triton.jit
@@ -72,10 +87,10 @@ def _scan_fwd_kernel(
     s_zb,
     s_zd,
     N: tl.constexpr,
-    RD: tl.constexpr,
-    LD: tl.constexpr,
+    BD: tl.constexpr,
     T: tl.constexpr,
     K: tl.constexpr,
+    STAGES: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -83,42 +98,42 @@ def _scan_fwd_kernel(
 ):
     # u, delta, z, y: time is the unit-stride axis; y is contiguous [b, d, L]
     pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    r = tl.arange(0, RD)[:, None, None]
-    n = tl.arange(0, N)[None, :, None]
-    ld = tl.arange(0, LD)[None, None, :]
-    d = pid_d * (RD * LD) + r * LD + ld  # [RD, 1, LD]
+    n = tl.arange(0, N)[:, None]  # [N, 1]
+    d = tl.program_id(1) * BD + tl.arange(0, BD)[None, :]  # [1, BD]: the state tensors' channel axis
+    dc = tl.program_id(1) * BD + tl.arange(0, BD)[:, None]  # [BD, 1]: the tiles' channel axis
+    tt = tl.arange(0, T)[None, :]  # [1, T]
     dmask = d < DM
-    A2 = tl.load(A_ptr + d * s_Ad + n * s_An, mask=dmask, other=0.0) * 1.4426950408889634  # [RD, N, LD]
-    Dv = tl.load(D_ptr + d, mask=dmask, other=0.0) if HAS_D else 0.0
-    bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else 0.0
-    u_p = u_ptr + pid_b * s_ub + d * s_ud
-    dl_p = dl_ptr + pid_b * s_db + d * s_dd
-    z_p = z_ptr + pid_b * s_zb + d * s_zd
-    y_p = y_ptr + (pid_b * DM + d) * L
+    dm = dc < DM
+    A2 = tl.load(A_ptr + d * s_Ad + n * s_An, mask=dmask, other=0.0) * 1.4426950408889634  # [N, BD]
+    Dv = tl.load(D_ptr + dc, mask=dm, other=0.0) if HAS_D else 0.0
+    bias = tl.load(bias_ptr + dc, mask=dm, other=0.0) if HAS_BIAS else 0.0
+    u_p = u_ptr + pid_b * s_ub + dc * s_ud
+    dl_p = dl_ptr + pid_b * s_db + dc * s_dd
+    z_p = z_ptr + pid_b * s_zb + dc * s_zd
+    y_p = y_ptr + (pid_b * DM + dc) * L
     B_p = B_ptr + pid_b * s_Bb + n * s_Bn
     C_p = C_ptr + pid_b * s_Cb + n * s_Cn
     hs_p = hs_ptr + pid_b * NSEG * N * DM + n * DM + d
-    h = tl.zeros([RD, N, LD], dtype=tl.float32)
+    h = tl.zeros([N, BD], dtype=tl.float32)
     for seg in range(0, NSEG):
         tl.store(hs_p + seg * N * DM, h, mask=dmask)
-        for t0 in range(seg * K, tl.minimum(seg * K + K, L), T):
+        for t0 in tl.range(seg * K, tl.minimum(seg * K + K, L), T, num_stages=STAGES):
+            dt_tile, _, m = _delta_tile(dl_p, tt, t0, L, dm, bias, HAS_BIAS, SOFTPLUS)
+            u_tile = tl.load(u_p + t0 + tt, mask=m, other=0.0).to(tl.float32)
+            y_tile = tl.zeros([BD, T], dtype=tl.float32)
             for i in tl.static_range(T):
                 t = t0 + i
-                tin = t < L
-                tm = dmask & tin
-                dt, _ = _delta(dl_p, t, tm, bias, HAS_BIAS, SOFTPLUS)
-                u_t = tl.load(u_p + t, mask=tm, other=0.0).to(tl.float32)
-                B_t = tl.load(B_p + t * s_Bl, mask=tin, other=0.0).to(tl.float32)
-                C_t = tl.load(C_p + t * s_Cl, mask=tin, other=0.0).to(tl.float32)
-                h = tl.exp2(dt * A2) * h + (dt * u_t) * B_t
-                y = tl.sum(h * C_t, axis=1, keep_dims=True)
-                if HAS_D:
-                    y += Dv * u_t
-                if HAS_Z:
-                    z_t = tl.load(z_p + t, mask=tm, other=0.0).to(tl.float32)
-                    y *= z_t * tl.sigmoid(z_t)
-                tl.store(y_p + t, y.to(y_ptr.dtype.element_ty), mask=tm)
+                B_t = tl.load(B_p + t * s_Bl, mask=t < L, other=0.0).to(tl.float32)  # [N, 1]
+                C_t = tl.load(C_p + t * s_Cl, mask=t < L, other=0.0).to(tl.float32)
+                dt = _col(dt_tile, tt, i)
+                h = tl.exp2(dt * A2) * h + (dt * _col(u_tile, tt, i)) * B_t
+                y_tile = _put(y_tile, tt, i, tl.sum(h * C_t, axis=0))
+            if HAS_D:
+                y_tile += Dv * u_tile
+            if HAS_Z:
+                z_tile = tl.load(z_p + t0 + tt, mask=m, other=0.0).to(tl.float32)
+                y_tile *= z_tile * tl.sigmoid(z_tile)
+            tl.store(y_p + t0 + tt, y_tile.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -163,10 +178,10 @@ def _scan_bwd_kernel(
     s_gb,
     s_gd,
     N: tl.constexpr,
-    RD: tl.constexpr,
-    LD: tl.constexpr,
+    BD: tl.constexpr,
     T: tl.constexpr,
     K: tl.constexpr,
+    STAGES: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -175,111 +190,112 @@ def _scan_bwd_kernel(
     # du, ddelta, dz: contiguous [b, d, L]; dAp [b, N, d]; dDp, dbp [b, d]; dBp, dCp [b, NP, L, N]
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    r = tl.arange(0, RD)[:, None, None]
-    n = tl.arange(0, N)[None, :, None]
-    ld = tl.arange(0, LD)[None, None, :]
-    d = pid_d * (RD * LD) + r * LD + ld
+    n = tl.arange(0, N)[:, None]
+    d = pid_d * BD + tl.arange(0, BD)[None, :]
+    dc = pid_d * BD + tl.arange(0, BD)[:, None]
+    tt = tl.arange(0, T)[None, :]
     dmask = d < DM
+    dm = dc < DM
     A2 = tl.load(A_ptr + d * s_Ad + n * s_An, mask=dmask, other=0.0) * 1.4426950408889634
-    Dv = tl.load(D_ptr + d, mask=dmask, other=0.0) if HAS_D else 0.0
-    bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else 0.0
-    u_p = u_ptr + pid_b * s_ub + d * s_ud
-    dl_p = dl_ptr + pid_b * s_db + d * s_dd
-    z_p = z_ptr + pid_b * s_zb + d * s_zd
-    g_p = g_ptr + pid_b * s_gb + d * s_gd
-    o_p = (pid_b * DM + d) * L  # offsets into du, ddelta, dz
+    Dv = tl.load(D_ptr + dc, mask=dm, other=0.0) if HAS_D else 0.0
+    bias = tl.load(bias_ptr + dc, mask=dm, other=0.0) if HAS_BIAS else 0.0
+    u_p = u_ptr + pid_b * s_ub + dc * s_ud
+    dl_p = dl_ptr + pid_b * s_db + dc * s_dd
+    z_p = z_ptr + pid_b * s_zb + dc * s_zd
+    g_p = g_ptr + pid_b * s_gb + dc * s_gd
+    o_p = (pid_b * DM + dc) * L  # offsets into du, ddelta, dz
     B_p = B_ptr + pid_b * s_Bb + n * s_Bn
     C_p = C_ptr + pid_b * s_Cb + n * s_Cn
     hs_p = hs_ptr + pid_b * NSEG * N * DM + n * DM + d
-    # scratch: this program's chunk-start states of one segment, [K // T, N, RD * LD]
+    # scratch: this program's chunk-start states of one segment, [K // T, N, BD]
     pid = pid_b * tl.num_programs(1) + pid_d
-    sc_p = sc_ptr + pid * (K // T) * N * (RD * LD) + n * (RD * LD) + r * LD + ld
+    sc_p = sc_ptr + pid * (K // T) * N * BD + n * BD + tl.arange(0, BD)[None, :]
     red_p = (pid_b * NP + pid_d) * L * N + n  # + t * N: dB/dC partials of this program
-    dA_acc = tl.zeros([RD, N, LD], dtype=tl.float32)
-    dD_acc = tl.zeros([RD, 1, LD], dtype=tl.float32)
-    db_acc = tl.zeros([RD, 1, LD], dtype=tl.float32)
-    carry = tl.zeros([RD, N, LD], dtype=tl.float32)  # a_{t+1} * dh_{t+1}
+    dA_acc = tl.zeros([N, BD], dtype=tl.float32)
+    dD_acc = tl.zeros([BD, T], dtype=tl.float32)
+    db_acc = tl.zeros([BD, T], dtype=tl.float32)
+    carry = tl.zeros([N, BD], dtype=tl.float32)  # a_{t+1} * dh_{t+1}
     for seg_i in range(0, NSEG):
         seg = NSEG - 1 - seg_i
         s0 = seg * K
-        tl.debug_barrier()  # the scratch is rewritten: the previous segment's readers are done
         nch = tl.cdiv(tl.minimum(K, L - s0), T)
+        tl.debug_barrier()  # the scratch is rewritten: the previous segment's readers are done
         # 1) the segment's chunk-start states, recomputed from the saved segment state
         h = tl.load(hs_p + seg * N * DM, mask=dmask, other=0.0)
-        for c in range(0, nch):
-            tl.store(sc_p + c * N * (RD * LD), h)
-            for i in tl.static_range(T):
-                t = s0 + c * T + i
-                tin = t < L
-                tm = dmask & tin
-                dt, _ = _delta(dl_p, t, tm, bias, HAS_BIAS, SOFTPLUS)
-                u_t = tl.load(u_p + t, mask=tm, other=0.0).to(tl.float32)
-                B_t = tl.load(B_p + t * s_Bl, mask=tin, other=0.0).to(tl.float32)
-                h = tl.exp2(dt * A2) * h + (dt * u_t) * B_t
-        tl.debug_barrier()  # scratch written by other threads than those that read it
-        # 2) chunks backwards: T states in registers, then the adjoint recurrence
-        for c_i in range(0, nch):
-            t0 = s0 + (nch - 1 - c_i) * T
-            h = tl.load(sc_p + (nch - 1 - c_i) * N * (RD * LD))
-            hs = (h,)
-            As = ()
-            ys = ()
+        for c in tl.range(0, nch, num_stages=STAGES):
+            tl.store(sc_p + c * N * BD, h)
+            t0 = s0 + c * T
+            dt_tile, _, m = _delta_tile(dl_p, tt, t0, L, dm, bias, HAS_BIAS, SOFTPLUS)
+            u_tile = tl.load(u_p + t0 + tt, mask=m, other=0.0).to(tl.float32)
             for i in tl.static_range(T):
                 t = t0 + i
-                tin = t < L
-                tm = dmask & tin
-                dt, _ = _delta(dl_p, t, tm, bias, HAS_BIAS, SOFTPLUS)
-                u_t = tl.load(u_p + t, mask=tm, other=0.0).to(tl.float32)
-                B_t = tl.load(B_p + t * s_Bl, mask=tin, other=0.0).to(tl.float32)
-                C_t = tl.load(C_p + t * s_Cl, mask=tin, other=0.0).to(tl.float32)
+                B_t = tl.load(B_p + t * s_Bl, mask=t < L, other=0.0).to(tl.float32)
+                dt = _col(dt_tile, tt, i)
+                h = tl.exp2(dt * A2) * h + (dt * _col(u_tile, tt, i)) * B_t
+        tl.debug_barrier()  # scratch written by other threads than those that read it
+        # 2) chunks backwards: T states in registers, then the adjoint recurrence
+        for c_i in tl.range(0, nch, num_stages=STAGES):
+            t0 = s0 + (nch - 1 - c_i) * T
+            h = tl.load(sc_p + (nch - 1 - c_i) * N * BD)
+            dt_tile, x_tile, m = _delta_tile(dl_p, tt, t0, L, dm, bias, HAS_BIAS, SOFTPLUS)
+            u_tile = tl.load(u_p + t0 + tt, mask=m, other=0.0).to(tl.float32)
+            g_tile = tl.load(g_p + t0 + tt, mask=m, other=0.0).to(tl.float32)
+            hs = (h,)
+            As = ()
+            y_tile = tl.zeros([BD, T], dtype=tl.float32)
+            for i in tl.static_range(T):
+                t = t0 + i
+                B_t = tl.load(B_p + t * s_Bl, mask=t < L, other=0.0).to(tl.float32)
+                C_t = tl.load(C_p + t * s_Cl, mask=t < L, other=0.0).to(tl.float32)
+                dt = _col(dt_tile, tt, i)
                 a = tl.exp2(dt * A2)
-                h = a * h + (dt * u_t) * B_t
-                y = tl.sum(h * C_t, axis=1, keep_dims=True)
-                if HAS_D:
-                    y += Dv * u_t
+                h = a * h + (dt * _col(u_tile, tt, i)) * B_t
                 hs = hs + (h,)
                 As = As + (a,)
-                ys = ys + (y,)
+                if HAS_Z:
+                    y_tile = _put(y_tile, tt, i, tl.sum(h * C_t, axis=0))
+            if HAS_Z:
+                z_tile = tl.load(z_p + t0 + tt, mask=m, other=0.0).to(tl.float32)
+                if HAS_D:
+                    y_tile += Dv * u_tile
+                sz = tl.sigmoid(z_tile)
+                dz_tile = g_tile * y_tile * sz * (1.0 + z_tile * (1.0 - sz))
+                tl.store(dz_ptr + o_p + t0 + tt, dz_tile.to(dz_ptr.dtype.element_ty), mask=m)
+                dy_tile = g_tile * z_tile * sz
+            else:
+                dy_tile = g_tile
+            s1_tile = tl.zeros([BD, T], dtype=tl.float32)  # sum_n dh * B
+            s2_tile = tl.zeros([BD, T], dtype=tl.float32)  # sum_n dh * a * h_{t-1} * A
             for i in tl.static_range(T - 1, -1, -1):
                 t = t0 + i
                 tin = t < L
-                tm = dmask & tin
-                dt, x = _delta(dl_p, t, tm, bias, HAS_BIAS, SOFTPLUS)
-                u_t = tl.load(u_p + t, mask=tm, other=0.0).to(tl.float32)
                 B_t = tl.load(B_p + t * s_Bl, mask=tin, other=0.0).to(tl.float32)
                 C_t = tl.load(C_p + t * s_Cl, mask=tin, other=0.0).to(tl.float32)
-                g = tl.load(g_p + t, mask=tm, other=0.0).to(tl.float32)
-                if HAS_Z:
-                    z_t = tl.load(z_p + t, mask=tm, other=0.0).to(tl.float32)
-                    sz = tl.sigmoid(z_t)
-                    dy = g * z_t * sz
-                    dz = g * ys[i] * sz * (1.0 + z_t * (1.0 - sz))
-                    tl.store(dz_ptr + o_p + t, dz.to(dz_ptr.dtype.element_ty), mask=tm)
-                else:
-                    dy = g
+                dt = _col(dt_tile, tt, i)
+                dy = _col(dy_tile, tt, i)
                 dh = carry + dy * C_t
-                dC = tl.sum(tl.sum(dy * hs[i + 1], axis=2, keep_dims=True), axis=0, keep_dims=True)
-                dB = tl.sum(tl.sum(dh * (dt * u_t), axis=2, keep_dims=True), axis=0, keep_dims=True)
-                tl.store(dCp_ptr + red_p + t * N, dC, mask=tin)
-                tl.store(dBp_ptr + red_p + t * N, dB, mask=tin)
-                s1 = tl.sum(dh * B_t, axis=1, keep_dims=True)
+                dC = tl.sum(dy * hs[i + 1], axis=1)
+                dB = tl.sum(dh * (dt * _col(u_tile, tt, i)), axis=1)
+                tl.store(dCp_ptr + red_p + t * N, dC[:, None], mask=tin)
+                tl.store(dBp_ptr + red_p + t * N, dB[:, None], mask=tin)
+                s1_tile = _put(s1_tile, tt, i, tl.sum(dh * B_t, axis=0))
                 carry = As[i] * dh
                 w = carry * hs[i]  # dh_t * a_t * h_{t-1}
                 dA_acc += dt * w
-                s2 = tl.sum(w * A2, axis=1, keep_dims=True) * 0.6931471805599453
-                du = dt * s1
-                if HAS_D:
-                    du += dy * Dv
-                    dD_acc += dy * u_t
-                ddt = u_t * s1 + s2
-                if SOFTPLUS:
-                    ddt = tl.where(x > 20.0, ddt, ddt * tl.sigmoid(x))
-                ddt = tl.where(tm, ddt, 0.0)
-                db_acc += ddt
-                tl.store(du_ptr + o_p + t, du.to(du_ptr.dtype.element_ty), mask=tm)
-                tl.store(ddl_ptr + o_p + t, ddt.to(ddl_ptr.dtype.element_ty), mask=tm)
+                s2_tile = _put(s2_tile, tt, i, tl.sum(w * A2, axis=0))
+            du_tile = dt_tile * s1_tile
+            if HAS_D:
+                du_tile += dy_tile * Dv
+                dD_acc += dy_tile * u_tile
+            ddt = u_tile * s1_tile + s2_tile * 0.6931471805599453
+            if SOFTPLUS:
+                ddt = tl.where(x_tile > 20.0, ddt, ddt * tl.sigmoid(x_tile))
+            ddt = tl.where(m, ddt, 0.0)
+            db_acc += ddt
+            tl.store(du_ptr + o_p + t0 + tt, du_tile.to(du_ptr.dtype.element_ty), mask=m)
+            tl.store(ddl_ptr + o_p + t0 + tt, ddt.to(ddl_ptr.dtype.element_ty), mask=m)
     tl.store(dAp_ptr + pid_b * N * DM + n * DM + d, dA_acc, mask=dmask)
     if HAS_D:
-        tl.store(dDp_ptr + pid_b * DM + d, dD_acc, mask=dmask)
+        tl.store(dDp_ptr + pid_b * DM + dc, tl.sum(dD_acc, axis=1)[:, None], mask=dm)
     if HAS_BIAS:
-        tl.store(dbp_ptr + pid_b * DM + d, db_acc, mask=dmask)
+        tl.store(dbp_ptr + pid_b * DM + dc, tl.sum(db_acc, axis=1)[:, None], mask=dm)
