@@ -34,6 +34,7 @@ from .config import Config, SpikePolicy, to_container
 from .optim import clip_grad_norm_, lr_multiplier, set_lr
 from .profiling import profile_step
 from .resume import check_compatible, find_checkpoint
+from .signals import StopRequest
 from .spikes import SpikeDetector, is_finite, largest_layer_grad_norm
 from .throughput import flops_per_token, memory_gb, peak_flops
 
@@ -72,7 +73,8 @@ class Trainer:
         self.step = self.samples = self.tokens = self.rollbacks = self.skipped = 0
         self.last_saved: int | None = None
         self.wandb_id = uuid.uuid4().hex[:8]
-        self.stop_requested = self.rollback_requested = False
+        self.stop = StopRequest()
+        self.rollback_requested = False
         self.faulted_steps: set[int] = set()
         if resume_from is None:
             log.info("starting a new run in %s", self.run_dir)
@@ -200,7 +202,7 @@ class Trainer:
             if micro < gas - 1:
                 self.engine.step()  # DeepSpeed counts micro-steps; the update happens at the boundary
         self.faulted_steps.add(step)
-        acc[4] = float(self.stop_requested)
+        acc[4] = self.stop.local()  # a signal on any rank stops every rank after this step
         acc = D.all_reduce_(acc).cpu()
         acc[:4] /= gas * self.dist.world_size
         acc[5 : 5 + L] /= gas * self.dist.world_size
@@ -212,6 +214,8 @@ class Trainer:
         if cfg.faults.die_at_step == step and self.dist.rank == cfg.faults.die_rank:
             log.error("faults.die_at_step=%d: rank %d exits abruptly", step, self.dist.rank)
             os._exit(17)
+        if cfg.faults.signal_at_step == step and self.dist.rank == cfg.faults.signal_rank:
+            os.kill(os.getpid(), signal.SIGTERM)  # this rank only: the stop must still be agreed
         lr = cfg.optim.lr * lr_multiplier(self.step, cfg.schedule)
         set_lr(self.optimizer, lr)
         acc = self._forward_backward(step)
@@ -236,7 +240,7 @@ class Trainer:
             kind, skip = "nonfinite_grad", True  # inf/nan gradients: the optimizer did not step
         self.step, self.samples = step, self.samples + self.global_batch
         self.tokens += self.global_batch * cfg.data.seq_len
-        self.stop_requested = self.stop_requested or bool(acc[4] > 0)
+        self.stop.agree(float(acc[4]))
         if kind is None:
             self.spikes.accept(loss)
         else:
@@ -306,13 +310,12 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> None:
         cfg, tc = self.cfg, self.cfg.trainer
-        for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm / launchers: save, then stop
-            signal.signal(sig, self._request_stop)
+        self.stop.install()  # SIGTERM / SIGUSR1 (Slurm, launchers): every rank saves, then stops
         if self.step >= tc.max_steps:
             log.info("already at step %d of trainer.max_steps=%d: nothing to do", self.step, tc.max_steps)
             return
         busy, steps, first, evaluated = 0.0, 0, self.step + 1, False
-        while self.step < tc.max_steps and not self.stop_requested:
+        while self.step < tc.max_steps and not self.stop.stopping:
             # logging.profile_step: rank 0 records this one step (writing the files is not timed)
             with profile_step(
                 cfg.logging.profile_step, self.step + 1, self.dist.is_main, self.dist.device, self.run_dir
@@ -347,19 +350,16 @@ class Trainer:
                 self._log_eval()
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 self.save()
-        if self.stop_requested:
-            log.warning("stop requested (signal): saving step %d and exiting", self.step)
+        if self.stop.stopping:
+            log.warning("stop requested (a signal on some rank): saving step %d and exiting", self.step)
         elif not evaluated:
             self._log_eval()
-        if cfg.checkpoint.save_final or self.stop_requested:
+        if cfg.checkpoint.save_final or self.stop.stopping:
             self.save()
 
     def _log_eval(self) -> None:
         if m := self.evaluate():
             self.metrics.log(self.step, m)
-
-    def _request_stop(self, signum, frame) -> None:
-        self.stop_requested = True
 
     def close(self) -> None:
         self.metrics.close()
