@@ -246,6 +246,9 @@ class FaultConfig:
     loss_spike_scale: float = 10.0
     nan_loss_steps: list[int] = field(default_factory=list)  # make the loss NaN
     kill_during_save_step: int = 0  # SIGKILL this process while the checkpoint of this step is written
+    # when: write (after the background writer's first file) | written (its files done, before the commit) |
+    # state (rank 0: after trainer_state.json, before `latest`)
+    kill_during_save_phase: str = "write"
     die_at_step: int = 0  # rank `die_rank` exits abruptly at the start of this step
     die_rank: int = 0
     signal_at_step: int = 0  # rank `signal_rank` sends itself SIGTERM during this step (every rank must stop)
