@@ -224,6 +224,10 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step; returns its metrics (the same on every rank)."""
         cfg, step = self.cfg, self.step + 1  # `step` counts optimizer steps from 1
+        if cfg.faults.die_at_step == step:
+            # a crash after the newest checkpoint was committed (every rank waits for it: deterministic for
+            # tests; a kill during the background write is faults.kill_during_save_phase)
+            self.finish_save()
         if cfg.faults.die_at_step == step and self.dist.rank == cfg.faults.die_rank:
             log.error("faults.die_at_step=%d: rank %d exits abruptly", step, self.dist.rank)
             os._exit(17)
