@@ -7,7 +7,15 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from jamba import PRESETS
-from train.config import ConfigError, SpikePolicy, build_model_config, register, to_config, to_container
+from train.config import (
+    ConfigError,
+    SpikePolicy,
+    build_model_config,
+    describe,
+    register,
+    to_config,
+    to_container,
+)
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 register()
@@ -87,3 +95,39 @@ def test_range_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         cfg = to_config(load(override))
         build_model_config(cfg.model, cfg.parallel.activation_checkpointing)
+
+
+@pytest.mark.parametrize("override, key", [("+optim.lrr=1e-3", "optim.lrr"), ("+bogus.deep=1", "bogus")])
+def test_keys_the_schema_lacks_are_refused_even_with_plus(override, key):
+    with pytest.raises(ConfigError, match=f"^{key}: not a setting"):
+        to_config(load(override))
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".", "a/b", "", "x y", "~"])
+def test_run_name_is_one_plain_directory_name(name):
+    with pytest.raises(ConfigError, match="^run_name: "):
+        to_config(load(f"run_name='{name}'"))
+    assert to_config(load("run_name=ok.1_a-b")).run_dir == "runs/ok.1_a-b"
+
+
+def test_expert_parallel_size_must_divide_the_experts():
+    with pytest.raises(
+        ConfigError, match="^parallel.expert_parallel_size: 2 does not divide model.num_experts=3"
+    ):
+        to_config(load("parallel.expert_parallel_size=2", "model.num_experts=3"))
+    assert to_config(load("parallel.expert_parallel_size=2", "model.num_experts=4")).model.num_experts == 4
+
+
+@pytest.mark.parametrize(
+    "override, want",
+    [
+        ("optim.lrr=1", "optim.lrr: Key 'lrr' not in 'OptimConfig'"),
+        ("trainer.max_steps=ten", "trainer.max_steps: Value 'ten'"),
+        ("model=nonexistent", "Could not find 'model/nonexistent' Available options in 'model': "),
+    ],
+)
+def test_composition_errors_are_described_in_one_line(override, want):
+    with pytest.raises(Exception) as e:
+        load(override)
+    line = describe(e.value)
+    assert want in line and "\n" not in line

@@ -10,7 +10,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from train.checkpoint import STATE_FILE, WEIGHTS_FILE, find_latest, tag_for
+from train.checkpoint import STATE_FILE, WEIGHTS_FILE, find_latest, safe_load, tag_for
+from train.checkpoint_writer import FP32_MASTERS, WEIGHTS_ELSEWHERE
 from train.testing import TINY, read_wandb_history, run_train
 
 pytestmark = pytest.mark.distributed
@@ -121,6 +122,11 @@ def test_killed_save_keeps_latest_and_resume_is_exact(reference, tmp_path):
         "model.layers.1.feed_forward.experts.gate_up_proj"
     ]
     assert experts.shape[0] == 4  # every rank's experts, not rank 0's twice
+    # every tensor written once: no weights in DeepSpeed's files (no module, no ZeRO fp32 masters)
+    assert safe_load(ckpts / tag_for(6) / "mp_rank_00_model_states.pt")["module"] == WEIGHTS_ELSEWHERE
+    for optim in (ckpts / tag_for(6)).glob("*optim_states.pt"):
+        assert FP32_MASTERS not in safe_load(optim)["optimizer_state_dict"]
+    assert not list((ckpts / tag_for(6)).glob("experts_ep*"))
 
 
 @pytest.mark.timeout(120)
@@ -131,6 +137,7 @@ def test_bad_input_fails_clearly_and_loses_nothing(reference, tmp_path):
     assert other_model.returncode == 2, other_model.output[-3000:]
     assert "holds another model" in other_model.output and "hidden_size: 32 -> 48" in other_model.output
     assert sorted(p.name for p in ckpt.iterdir()) == before
+    assert not any((tmp_path / "a").iterdir())  # a failed start writes no .hydra/, train.log or lock
     no_data = run_train(tmp_path / "b", [*TINY, "data.path=/nonexistent/corpus"], timeout=100)
     assert (
         no_data.returncode == 2

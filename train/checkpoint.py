@@ -27,7 +27,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch
 from parallel.zero import SAFE_GLOBALS
 
 from .config import CheckpointConfig, FaultConfig
-from .distributed import Dist, barrier
+from .distributed import Dist, all_reduce_, barrier
 
 log = logging.getLogger("train.checkpoint")
 STATE_FILE = "trainer_state.json"
@@ -188,19 +187,46 @@ class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, dist: Dist, faults: FaultConfig | None = None) -> None:
         self.cfg, self.dist, self.faults = cfg, dist, faults or FaultConfig()
         self.root = Path(cfg.dir).absolute()
+        self.pending: dict | None = None  # the save in flight: written in the background, not committed yet
+        self.writer = None
+        self.stall_s = 0.0
 
     def install_safe_loading(self, engine) -> None:
-        """Route DeepSpeed's own torch.load through `safe_load` (its checkpoint engine is pluggable)."""
-        if self.cfg.weights_only:
-            engine.checkpoint_engine.load = safe_load
+        """Our checkpoint engine for DeepSpeed: saves go to host copies for the background writer, loads
+        through `safe_load` (no pickled code) unless checkpoint.weights_only=false."""
+        from .checkpoint_writer import HostCopy, SnapshotEngine
+
+        loader = safe_load if self.cfg.weights_only else engine.checkpoint_engine.load
+        self.snapshot = SnapshotEngine(loader, engine.module)
+        self.snapshot.host = HostCopy(pin=self.dist.device.type == "cuda")
+        engine.checkpoint_engine = self.snapshot
+        # ZeRO's fp32 masters are not saved (they equal the fp32 weights): loads refresh them from the weights
+        engine._config.zero_config.load_from_fp32_weights = False
 
     def latest(self) -> Path | None:
         return find_latest(self.root)
 
     # ---- save ------------------------------------------------------------------------------------------
-    def save(self, engine, step: int, state: dict, weights: dict[str, torch.Tensor] | None = None) -> Path:
-        """Collective: every rank calls it with the same step. `state` (JSON-able, with "model_config") and
-        `weights` (the consolidated model, or None) are rank 0's."""
+    def save(
+        self, engine, step: int, state: dict, weights: dict | None = None, consolidated: bool = True
+    ) -> Path:
+        """Collective and synchronous: `start`, then `wait` for the files and the commit."""
+        path = self.start(engine, step, state, weights, consolidated)
+        self.wait()
+        return path
+
+    def start(
+        self, engine, step: int, state: dict, weights: dict | None = None, consolidated: bool = True
+    ) -> Path:
+        """Collective: every rank calls it with the same step. Copies the state to host memory (the only
+        time training waits) and starts the background write; `commit` (when every rank's `written()`) or
+        `wait` publish it. `state` (JSON-able, with "model_config") and `weights` (the consolidated model)
+        are rank 0's; consolidated=False (the same on every rank): there are none, every expert-parallel
+        position writes its own experts. A save still in flight is finished first (one at a time)."""
+        from .checkpoint_writer import HostCopy, SnapshotEngine, Writer
+
+        if self.pending is not None:
+            self.wait()
         tag = tag_for(step)
         path = self.root / tag
         t0 = time.perf_counter()
@@ -212,42 +238,86 @@ class Checkpointer:
             if path.exists():  # the partial directory of a save killed earlier
                 shutil.rmtree(path)
         barrier()
+        if not isinstance(engine.checkpoint_engine, SnapshotEngine):
+            self.install_safe_loading(engine)
+        snap: SnapshotEngine = engine.checkpoint_engine
+        host: HostCopy = snap.host
+        host.bytes, snap.jobs = 0, []
+        snap.strip_weights = consolidated  # the weights go to model_state.safetensors only
         engine.save_checkpoint(
             str(self.root), tag=tag, client_state={"trainer_state": STATE_FILE}, save_latest=False
         )
+        jobs = snap.jobs
         from parallel.checkpoint import save_local_experts, save_portable
 
-        save_local_experts(engine.module, path)  # DeepSpeed's files hold rank 0's experts only
-        if self.cfg.portable:
+        if not consolidated:  # no consolidated weights: each EP position keeps its own experts
+            save_local_experts(engine.module, path)
+        if self.cfg.portable:  # gathers per parameter: written now, not in the background
             save_portable(engine, path)
-        (path / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(self.dist.device), path / "rng" / f"rank_{self.dist.rank:05d}.pt")
-        if self.faults.kill_during_save_step == step:
-            log.warning(
-                "faults.kill_during_save_step=%d: killing this process in the middle of the save", step
-            )
-            os.kill(os.getpid(), signal.SIGKILL)
-        barrier()
-        if self.dist.is_main:
-            if weights is not None:
-                from safetensors.torch import save_file
+        rng = host.copy(rng_state(self.dist.device), ("rng",))
+        jobs.append(("torch", path / "rng" / f"rank_{self.dist.rank:05d}.pt", rng))
+        if self.dist.is_main and consolidated:
+            tensors = host.copy({k: v.contiguous() for k, v in weights.items()}, ("weights",))
+            meta = {"format": "pt", "step": str(step)}
+            jobs.append(("safetensors", path / WEIGHTS_FILE, (tensors, meta)))
+            jobs.append(("text", path / MODEL_CONFIG_FILE, json.dumps(state["model_config"], indent=1)))
+        host.done()
+        kill = self.faults.kill_during_save_step == step
+        self.writer = self.writer or Writer()
+        self.writer.start(jobs, self.faults.kill_during_save_phase if kill else None)
+        self.pending = {"tag": tag, "path": path, "state": state, "step": step, "kill": kill}
+        self.stall_s = time.perf_counter() - t0
+        return path
 
-                save_file(
-                    {k: v.detach().to("cpu").contiguous() for k, v in weights.items()},
-                    str(path / WEIGHTS_FILE),
-                    metadata={"format": "pt", "step": str(step)},
-                )
-                (path / MODEL_CONFIG_FILE).write_text(json.dumps(state["model_config"], indent=1))
-            for f in sorted(path.rglob("*")):
-                if f.is_file():
-                    _fsync(f)
-            atomic_write(path / STATE_FILE, json.dumps({**state, "version": STATE_VERSION}, indent=1))
+    @property
+    def in_flight(self) -> bool:
+        return self.pending is not None
+
+    def written(self) -> bool:
+        """This rank's files of the save in flight are written (False when none is in flight)."""
+        return self.pending is not None and self.writer.finished()
+
+    def commit(self, total_bytes: float | None = None) -> dict:
+        """Every rank, once every rank's files are written (the trainer learns it from the step's all-reduce,
+        `wait` from a barrier): rank 0 fsyncs the directory, writes trainer_state.json (tmp + rename) and
+        then `latest`, then prunes. Returns the save's figures (stall, write time, bytes)."""
+        p, self.pending = self.pending, None
+        self.writer.reset()
+        path, tag = p["path"], p["tag"]
+        if self.dist.is_main:
+            _fsync(path)
+            atomic_write(path / STATE_FILE, json.dumps({**p["state"], "version": STATE_VERSION}, indent=1))
+            if p["kill"] and self.faults.kill_during_save_phase == "state":
+                from .checkpoint_writer import _kill
+
+                _kill(f"after {STATE_FILE}, before {LATEST}")
             atomic_write(self.root / LATEST, tag)
             for old in self.prune():
                 log.info("removed checkpoint %s", old.name)
+        figures = {
+            "checkpoint/step": p["step"],
+            "checkpoint/stall_s": self.stall_s,
+            "checkpoint/write_s": self.writer.write_s,
+            "checkpoint/bytes": float(self.writer.bytes if total_bytes is None else total_bytes),
+        }
+        log.info(
+            "saved checkpoint %s: training waited %.2fs, written in the background in %.2fs, %.2f GB",
+            path,
+            self.stall_s,
+            self.writer.write_s,
+            figures["checkpoint/bytes"] / 1e9,
+        )
+        return figures
+
+    def wait(self) -> dict | None:
+        """Collective: finish the save in flight (if any) and commit it."""
+        if self.pending is None:
+            return None
+        self.writer.join()
+        total = all_reduce_(torch.tensor([float(self.writer.bytes)], dtype=torch.float64))
+        figures = self.commit(float(total[0]))
         barrier()
-        log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
-        return path
+        return figures
 
     def prune(self) -> list[Path]:
         """Rank 0, after a commit: keep the newest `keep_last` complete checkpoints and every `keep_every`-th
@@ -273,6 +343,7 @@ class Checkpointer:
         from parallel.checkpoint import _ep_position, _expert_files, load_local_experts
 
         moe, engine.has_moe_layers = engine.has_moe_layers, False
+        engine.checkpoint_engine.filled_weights = False
         try:
             loaded, _ = engine.load_checkpoint(
                 str(ckpt.parent),
@@ -287,6 +358,9 @@ class Checkpointer:
             engine.has_moe_layers = moe
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {ckpt} (files missing?)")
+        if getattr(engine.checkpoint_engine, "filled_weights", False):
+            Checkpointer._load_weights(engine, ckpt, experts_only=False)  # the weights' only copy
+            return
         if _ep_position(engine.module)[1] == 1:
             return
         if _expert_files(ckpt):
@@ -336,6 +410,10 @@ class Checkpointer:
         world size) first: DeepSpeed's own errors on a mismatch are cryptic."""
         from parallel.checkpoint import _ep_position, has_portable, load_portable
 
+        from .checkpoint_writer import SnapshotEngine
+
+        if not isinstance(engine.checkpoint_engine, SnapshotEngine):
+            self.install_safe_loading(engine)
         state = read_state(ckpt)
         saved_ep = state.get("config", {}).get("parallel", {}).get("expert_parallel_size", 1)
         same_layout = (state.get("world_size"), saved_ep) == (

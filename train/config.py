@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -245,8 +246,13 @@ class FaultConfig:
     loss_spike_scale: float = 10.0
     nan_loss_steps: list[int] = field(default_factory=list)  # make the loss NaN
     kill_during_save_step: int = 0  # SIGKILL this process while the checkpoint of this step is written
+    # when: write (after the background writer's first file) | written (its files done, before the commit) |
+    # state (rank 0: after trainer_state.json, before `latest`)
+    kill_during_save_phase: str = "write"
     die_at_step: int = 0  # rank `die_rank` exits abruptly at the start of this step
     die_rank: int = 0
+    signal_at_step: int = 0  # rank `signal_rank` sends itself SIGTERM during this step (every rank must stop)
+    signal_rank: int = 0
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -289,7 +295,12 @@ class Config:
 
     def validate(self) -> None:
         """Range checks (run by `to_config`; __post_init__ would also run on the schema's unresolved defaults)."""
-        _need(bool(self.run_name) and "/" not in self.run_name, "run_name", f"bad name {self.run_name!r}")
+        _need(
+            bool(RUN_NAME.fullmatch(self.run_name)) and self.run_name not in (".", ".."),
+            "run_name",
+            f"{self.run_name!r} is not a plain directory name (letters, digits, '._-'; not '.' or '..')",
+        )
+        self._check_expert_split()
         for section in (
             self.optim,
             self.schedule,
@@ -300,6 +311,40 @@ class Config:
             self.trainer,
         ):
             section.validate()
+
+    def _check_expert_split(self) -> None:
+        ep = self.parallel.expert_parallel_size
+        if ep == 1:
+            return
+        model = build_model_config(self.model, self.parallel.activation_checkpointing)
+        _need(
+            not any(model.layers_is_moe) or model.num_experts % ep == 0,
+            "parallel.expert_parallel_size",
+            f"{ep} does not divide model.num_experts={model.num_experts} (each rank holds num_experts / "
+            f"expert_parallel_size experts of every MoE layer)",
+        )
+
+
+# run_name is a directory under runs/: one plain name, never a path.
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def unknown_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> list[str]:
+    """Keys of `cfg` the schema lacks (Hydra's `+key=` adds them even to a structured config)."""
+    out, known = [], set(schema.keys())
+    for key in cfg.keys():
+        full = f"{prefix}{key}"
+        if key not in known:
+            out.append(full)
+            continue
+        node, snode = cfg._get_node(key), schema._get_node(key)
+        if (
+            isinstance(node, DictConfig)
+            and isinstance(snode, DictConfig)
+            and dataclasses.is_dataclass(OmegaConf.get_type(snode))
+        ):
+            out += unknown_keys(node, snode, full + ".")
+    return out
 
 
 def env_rank() -> int:
@@ -320,7 +365,12 @@ def register() -> None:
 
 
 def to_config(cfg: DictConfig) -> Config:
-    """Resolve interpolations and run every section's range checks."""
+    """Refuse keys the schema lacks, resolve interpolations and run every section's range checks."""
+    if extra := unknown_keys(cfg, OmegaConf.structured(Config)):
+        raise ConfigError(
+            f"{', '.join(extra)}: not a setting of train/config.py (a `+key=` override adds no new "
+            f"settings; check the spelling, `python -m train --cfg job` lists them)"
+        )
     try:
         out: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except ValueError as e:  # DataConfig's checks, and OmegaConf's validation errors
@@ -332,3 +382,18 @@ def to_config(cfg: DictConfig) -> Config:
 def to_container(cfg: Config) -> dict:
     """Plain JSON-able dict (enums as their names) for checkpoints, W&B and JSONL."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore
+
+
+def describe(e: BaseException) -> str:
+    """One line for a Hydra/OmegaConf composition error: the key, then what is wrong with it."""
+    cause = e.__cause__ if e.__cause__ is not None else e
+    key = getattr(cause, "full_key", None)
+    text = str(cause).split("Config search path")[0]
+    lines = [
+        ln.strip()
+        for ln in text.splitlines()
+        if ln.strip() and not ln.strip().startswith(("full_key:", "reference_type=", "object_type="))
+    ]
+    if key and cause is not e:
+        return f"{key}: {lines[0] if lines else type(cause).__name__} ({str(e).splitlines()[0]})"
+    return " ".join(lines) or type(e).__name__

@@ -34,10 +34,12 @@ from .config import Config, SpikePolicy, to_container
 from .optim import clip_grad_norm_, lr_multiplier, set_lr
 from .profiling import profile_step
 from .resume import check_compatible, find_checkpoint
+from .signals import StopRequest
 from .spikes import SpikeDetector, is_finite, largest_layer_grad_norm
 from .throughput import flops_per_token, memory_gb, peak_flops
 
 log = logging.getLogger("train")
+HEAD = 7  # slots of the step statistics before the per-layer ones (see _forward_backward)
 
 
 class Trainer:
@@ -72,7 +74,8 @@ class Trainer:
         self.step = self.samples = self.tokens = self.rollbacks = self.skipped = 0
         self.last_saved: int | None = None
         self.wandb_id = uuid.uuid4().hex[:8]
-        self.stop_requested = self.rollback_requested = False
+        self.stop = StopRequest()
+        self.rollback_requested = False
         self.faulted_steps: set[int] = set()
         if resume_from is None:
             log.info("starting a new run in %s", self.run_dir)
@@ -141,12 +144,20 @@ class Trainer:
     def save(self) -> None:
         if self.last_saved == self.step:
             return
+        """Start a checkpoint of this step: training goes on while it is written (Checkpointer.start)."""
         weights = consolidated_state_dict(self.engine.module, self.cfg)
-        self.checkpointer.save(self.engine, self.step, self._state(), weights if self.dist.is_main else None)
+        mine = weights if self.dist.is_main else None  # None on every rank: experts saved per EP position
+        self.checkpointer.start(self.engine, self.step, self._state(), mine, consolidated=weights is not None)
         self.last_saved = self.step
+
+    def finish_save(self) -> None:
+        """Collective: wait for the checkpoint in flight, if any, and commit it."""
+        if figures := self.checkpointer.wait():
+            self.metrics.log(self.step, figures)
 
     def _rollback(self) -> None:
         """Restore the newest checkpoint but keep the data position (past the offending batch)."""
+        self.finish_save()  # the newest checkpoint may still be in flight
         ckpt = self.checkpointer.latest()
         if ckpt is None:
             log.warning("spike policy rollback: no checkpoint yet, the update was skipped instead")
@@ -179,10 +190,12 @@ class Trainer:
 
     def _forward_backward(self, step: int) -> torch.Tensor:
         """Every micro-batch of the step, forward and backward; returns the all-reduced statistics
-        [loss, lm_loss, aux, z, stop | aux per MoE layer | tokens per expert per MoE layer], on the CPU.
-        They accumulate on the device, so there is one sync per step."""
+        [loss, lm_loss, aux, z, stop, saved, saved_bytes | aux per MoE layer | tokens per expert per MoE layer],
+        on the CPU (saved: ranks whose background checkpoint write is done; saved_bytes: what they wrote)."""
+        H = HEAD
+        # They accumulate on the device, so there is one sync per step.
         gas, L, E = self.cfg.trainer.grad_accum_steps, len(self.moe_layers), self.model_cfg.num_experts
-        acc = torch.zeros(5 + L + L * E, dtype=torch.float64, device=self.dist.device)
+        acc = torch.zeros(H + L + L * E, dtype=torch.float64, device=self.dist.device)
         for micro in range(gas):
             x, y = next(self.train_iter)
             dev = self.dist.device
@@ -195,23 +208,31 @@ class Trainer:
                 acc[2] += out.aux_loss.detach()
                 acc[3] += out.z_loss.detach()
                 for i, s in enumerate(out.router_stats):
-                    acc[5 + i] += s["aux_loss"].detach()
-                    acc[5 + L + i * E : 5 + L + (i + 1) * E] += s["tokens_per_expert"].detach()
+                    acc[H + i] += s["aux_loss"].detach()
+                    acc[H + L + i * E : H + L + (i + 1) * E] += s["tokens_per_expert"].detach()
             if micro < gas - 1:
                 self.engine.step()  # DeepSpeed counts micro-steps; the update happens at the boundary
         self.faulted_steps.add(step)
-        acc[4] = float(self.stop_requested)
+        acc[4] = self.stop.local()  # a signal on any rank stops every rank after this step
+        if self.checkpointer.written():
+            acc[5], acc[6] = 1.0, float(self.checkpointer.writer.bytes)
         acc = D.all_reduce_(acc).cpu()
         acc[:4] /= gas * self.dist.world_size
-        acc[5 : 5 + L] /= gas * self.dist.world_size
+        acc[H : H + L] /= gas * self.dist.world_size
         return acc
 
     def train_step(self) -> dict:
         """One optimizer step; returns its metrics (the same on every rank)."""
         cfg, step = self.cfg, self.step + 1  # `step` counts optimizer steps from 1
+        if cfg.faults.die_at_step == step:
+            # a crash after the newest checkpoint was committed (every rank waits for it: deterministic for
+            # tests; a kill during the background write is faults.kill_during_save_phase)
+            self.finish_save()
         if cfg.faults.die_at_step == step and self.dist.rank == cfg.faults.die_rank:
             log.error("faults.die_at_step=%d: rank %d exits abruptly", step, self.dist.rank)
             os._exit(17)
+        if cfg.faults.signal_at_step == step and self.dist.rank == cfg.faults.signal_rank:
+            os.kill(os.getpid(), signal.SIGTERM)  # this rank only: the stop must still be agreed
         lr = cfg.optim.lr * lr_multiplier(self.step, cfg.schedule)
         set_lr(self.optimizer, lr)
         acc = self._forward_backward(step)
@@ -236,7 +257,11 @@ class Trainer:
             kind, skip = "nonfinite_grad", True  # inf/nan gradients: the optimizer did not step
         self.step, self.samples = step, self.samples + self.global_batch
         self.tokens += self.global_batch * cfg.data.seq_len
-        self.stop_requested = self.stop_requested or bool(acc[4] > 0)
+        self.stop.agree(float(acc[4]))
+        if (
+            self.checkpointer.in_flight and int(acc[5]) == self.dist.world_size
+        ):  # every rank's files are written
+            self.metrics.log(self.step, self.checkpointer.commit(float(acc[6])))
         if kind is None:
             self.spikes.accept(loss)
         else:
@@ -257,10 +282,10 @@ class Trainer:
         if not L:
             return {}
         m = {"train/aux_loss": float(acc[2]), "train/z_loss": float(acc[3])}
-        load = acc[5 + L :].view(L, E)
+        load = acc[HEAD + L :].view(L, E)
         load = load / load.sum(1, keepdim=True).clamp(min=1)  # fraction of the layer's token slots
         for i, layer in enumerate(self.moe_layers):
-            m[f"moe/aux_loss/layer{layer}"] = float(acc[5 + i])
+            m[f"moe/aux_loss/layer{layer}"] = float(acc[HEAD + i])
             m[f"moe/load_max/layer{layer}"] = float(load[i].max()) * E  # 1.0 = perfectly balanced
             if self.cfg.logging.expert_load:
                 m.update({f"moe/load/layer{layer}/expert{e}": float(load[i, e]) for e in range(E)})
@@ -306,13 +331,12 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> None:
         cfg, tc = self.cfg, self.cfg.trainer
-        for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm / launchers: save, then stop
-            signal.signal(sig, self._request_stop)
+        self.stop.install()  # SIGTERM / SIGUSR1 (Slurm, launchers): every rank saves, then stops
         if self.step >= tc.max_steps:
             log.info("already at step %d of trainer.max_steps=%d: nothing to do", self.step, tc.max_steps)
             return
         busy, steps, first, evaluated = 0.0, 0, self.step + 1, False
-        while self.step < tc.max_steps and not self.stop_requested:
+        while self.step < tc.max_steps and not self.stop.stopping:
             # logging.profile_step: rank 0 records this one step (writing the files is not timed)
             with profile_step(
                 cfg.logging.profile_step, self.step + 1, self.dist.is_main, self.dist.device, self.run_dir
@@ -347,19 +371,17 @@ class Trainer:
                 self._log_eval()
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 self.save()
-        if self.stop_requested:
-            log.warning("stop requested (signal): saving step %d and exiting", self.step)
+        if self.stop.stopping:
+            log.warning("stop requested (a signal on some rank): saving step %d and exiting", self.step)
         elif not evaluated:
             self._log_eval()
-        if cfg.checkpoint.save_final or self.stop_requested:
+        if cfg.checkpoint.save_final or self.stop.stopping:
             self.save()
+        self.finish_save()
 
     def _log_eval(self) -> None:
         if m := self.evaluate():
             self.metrics.log(self.step, m)
-
-    def _request_stop(self, signum, frame) -> None:
-        self.stop_requested = True
 
     def close(self) -> None:
         self.metrics.close()

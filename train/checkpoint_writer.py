@@ -1,0 +1,175 @@
+"""Checkpoint files written in the background: the training loop waits only for a copy of the state in host
+memory (pinned on a GPU, reused from one save to the next), a thread writes the files.
+
+`SnapshotEngine` is DeepSpeed's checkpoint engine for our saves: where DeepSpeed would torch.save a state
+dict, it keeps a host copy for the writer, without the tensors written elsewhere (every tensor is written
+once): the module weights (model_state.safetensors holds them: resume, export and eval read that file) and
+ZeRO's fp32 master partitions (equal to the fp32 module weights; a load refreshes them from the weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+log = logging.getLogger("train.checkpoint")
+FP32_MASTERS = (
+    "single_partition_of_fp32_groups"  # deepspeed.checkpoint.constants.SINGLE_PARTITION_OF_FP32_GROUPS
+)
+WEIGHTS_ELSEWHERE = "__weights_in_model_state_safetensors__"
+
+
+class HostCopy:
+    """Copies of tensors in host memory. On a GPU the buffers are pinned and kept for the next save (at most
+    one save is in flight, so the previous write is done with them); on the CPU each save clones."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin, self.buffers, self.bytes = pin, {}, 0
+
+    def copy(self, obj, key: tuple = ()):
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach()
+            self.bytes += t.numel() * t.element_size()
+            if not self.pin:
+                return t.to("cpu", copy=True)
+            buf = self.buffers.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            buf.copy_(t, non_blocking=True)
+            return buf
+        if isinstance(obj, dict):
+            return {k: self.copy(v, (*key, k)) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return type(obj)(self.copy(v, (*key, i)) for i, v in enumerate(obj))
+        return obj
+
+    def done(self) -> None:
+        """Wait until the device-to-host copies are complete (the state may then change on the device)."""
+        if self.pin:
+            torch.cuda.synchronize()
+
+
+class SnapshotEngine(CheckpointEngine):
+    """DeepSpeed's checkpoint engine: `save` keeps host copies in `jobs` for the writer; `load` is `loader`
+    (safe loading) and puts the live module's weights where a checkpoint left them out."""
+
+    def __init__(self, loader, module) -> None:
+        super().__init__()
+        self.loader, self.module, self.host = loader, module, None
+        self.jobs: list[tuple[str, Path, object]] = []
+        self.strip_weights = False
+        self.filled_weights = False  # the last load found the weights left out (read them from safetensors)
+
+    def create(self, info) -> None:
+        pass
+
+    def save(self, state_dict, path: str) -> None:
+        sd = dict(state_dict)
+        if "module" in sd and self.strip_weights:
+            sd["module"] = WEIGHTS_ELSEWHERE
+        if isinstance(sd.get("optimizer_state_dict"), dict):
+            sd["optimizer_state_dict"] = {
+                k: v for k, v in sd["optimizer_state_dict"].items() if k != FP32_MASTERS
+            }
+        self.jobs.append(("torch", Path(path), self.host.copy(sd, (Path(path).name,))))
+
+    def load(self, path: str, map_location=None):
+        sd = self.loader(path, map_location=map_location)
+        if isinstance(sd, dict) and sd.get("module") == WEIGHTS_ELSEWHERE:
+            # DeepSpeed loads these (no change); Checkpointer.load then reads model_state.safetensors.
+            sd["module"] = {k: v for k, v in self.module.state_dict().items()}
+            self.filled_weights = True
+        return sd
+
+    def commit(self, info) -> bool:
+        return True
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # HostCopy copies every tensor anyway; DeepSpeed need not clone them first
+
+
+def write(kind: str, path: Path, payload) -> int:
+    """One file, fsynced; returns its size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "torch":
+        torch.save(payload, path)
+    elif kind == "safetensors":
+        from safetensors.torch import save_file
+
+        tensors, metadata = payload
+        save_file(tensors, str(path), metadata=metadata)
+    else:
+        path.write_text(payload)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path.stat().st_size
+
+
+class Writer:
+    """One background thread writing one save's files; `kill_at` ("write": after the first file, "written":
+    after the last) SIGKILLs this process there, to test that a save killed midway is never `latest`."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.write_s = 0.0
+        self.bytes = 0
+
+    def start(self, jobs: list, kill_at: str | None = None) -> None:
+        assert self.thread is None, "one save in flight at most"
+        self.error, self.write_s, self.bytes = None, 0.0, 0
+        self.thread = threading.Thread(
+            target=self._run, args=(jobs, kill_at), name="ckpt-writer", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, jobs: list, kill_at: str | None) -> None:
+        t0 = time.perf_counter()
+        try:
+            for i, (kind, path, payload) in enumerate(jobs):
+                self.bytes += write(kind, path, payload)
+                if kill_at == "write" and i == 0:
+                    _kill("in the middle of the background write")
+            if kill_at == "written":
+                _kill("after the background write, before the commit")
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by `check`
+            self.error = e
+        self.write_s = time.perf_counter() - t0
+
+    def busy(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def finished(self) -> bool:
+        """The files are written (raises the writer's error, if any)."""
+        if self.thread is None or self.thread.is_alive():
+            return False
+        self.check()
+        return True
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.check()
+
+    def check(self) -> None:
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise RuntimeError(f"writing a checkpoint failed: {e}") from e
+
+    def reset(self) -> None:
+        self.thread = None
+
+
+def _kill(where: str) -> None:
+    log.warning("faults.kill_during_save_step: killing this process %s", where)
+    os.kill(os.getpid(), signal.SIGKILL)
