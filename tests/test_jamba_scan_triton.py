@@ -56,10 +56,10 @@ def tiling(monkeypatch):
 @pytest.mark.parametrize(
     "n,z,D,bias,softplus,tile",
     [
-        (4, True, True, True, True, dict(LD=4, T_fwd=4, T=4, K=8)),
-        (16, True, True, True, True, dict(LD=4, T_fwd=2, T=2, K=4)),
-        (4, False, False, False, False, dict(LD=2, T_fwd=4, T=2, K=8)),
-        (16, True, False, True, True, dict(LD=8, T_fwd=8, T=4, K=16)),
+        (4, True, True, True, True, dict(BD=4, T_fwd=4, T=4, K=8)),
+        (16, True, True, True, True, dict(BD=4, T_fwd=2, T=2, K=4)),
+        (4, False, False, False, False, dict(BD=2, T_fwd=4, T=2, K=8)),
+        (16, True, False, True, True, dict(BD=8, T_fwd=8, T=4, K=16)),
     ],
 )
 def test_triton_scan_matches_reference(tiling, n, z, D, bias, softplus, tile):
@@ -69,7 +69,7 @@ def test_triton_scan_matches_reference(tiling, n, z, D, bias, softplus, tile):
 
 def test_triton_scan_model_layouts(tiling):
     # u with a non-unit batch stride (the mixer's channel-major in_proj view) and time-major B, C
-    tiling(LD=4, T_fwd=4, T=4, K=8)
+    tiling(BD=4, T_fwd=4, T=4, K=8)
     ins = _inputs(2, 5, 11, 4, bc_time_major=True)
     xz = torch.randn(10, 2, 11, device=DEV).permute(1, 0, 2)  # [b, 2d, L], strides (L, b*L, 1)
     ins[0] = xz[:, :5].detach().requires_grad_()
@@ -79,7 +79,7 @@ def test_triton_scan_model_layouts(tiling):
 
 
 def test_triton_scan_backward_is_deterministic(tiling):
-    tiling(LD=4, T_fwd=4, T=4, K=8)
+    tiling(BD=4, T_fwd=4, T=4, K=8)
     ins = _inputs(2, 6, 13, 4)
     first = _check(ins)
     second = _check(ins)
@@ -103,7 +103,7 @@ def test_triton_scan_mixer_compiles_fullgraph(tiling):
     from jamba.config import JambaConfig
     from jamba.mamba import MambaMixer
 
-    tiling(LD=4, T_fwd=4, T=4, K=8)
+    tiling(BD=4, T_fwd=4, T=4, K=8)
     torch.manual_seed(0)
     cfg = JambaConfig(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -136,6 +136,6 @@ def test_scan_backend_choice():
 
 def test_scan_tiling_is_checked():
     with pytest.raises(ValueError, match="power of two"):
-        scan_op.ScanTiling(LD=24)
+        scan_op.ScanTiling(BD=24)
     with pytest.raises(ValueError, match="multiple"):
         scan_op.ScanTiling(T=8, K=4)
