@@ -12,6 +12,8 @@ import sys
 
 import pytest
 import torch
+import transformers  # pinned in the test extra: a broken install fails here
+from transformers.models.jamba.modeling_jamba import load_balancing_loss_func
 
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.export import main as export_main
@@ -24,9 +26,6 @@ from jamba.hf_compat import (
     save_pretrained_dir,
     to_hf_state_dict,
 )
-
-transformers = pytest.importorskip("transformers")
-from transformers.models.jamba.modeling_jamba import load_balancing_loss_func  # noqa: E402
 
 VOCAB = 101
 

@@ -77,17 +77,24 @@ def test_experts_cpu_reference_handles_empty_experts():
     counts = torch.tensor([0, 6, 0, 4])
     gu, dn = torch.randn(4, 12, 8), torch.randn(4, 8, 6)
     y = experts_ref(x, counts, gu, dn)
-    g, u = (x[:6] @ gu[1].T).chunk(2, -1)
-    torch.testing.assert_close(y[:6], (torch.nn.functional.silu(g) * u) @ dn[1].T)
+    assert y.shape == (10, 8)
+    for e, rows in ((1, slice(0, 6)), (3, slice(6, 10))):  # every expert's rows, in expert order
+        g, u = (x[rows] @ gu[e].T).chunk(2, -1)
+        torch.testing.assert_close(y[rows], (torch.nn.functional.silu(g) * u) @ dn[e].T)
 
 
 gpu = pytest.mark.gpu
 
 
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-8))
+
+
+# On a GPU the kernels these tests name must be there (the `gpu` extra): a missing one fails, it does not
+# skip, and nothing compares the reference with itself.
 @gpu
 def test_mamba_ssm_scan_matches_reference_gpu():
-    if not kernels_available()["mamba_ssm"]:
-        pytest.skip("mamba-ssm not installed")
+    assert kernels_available()["mamba_ssm"], "mamba-ssm is not installed (pip install mamba-ssm)"
     ins = _scan_inputs(b=2, d=64, L=512, n=16, device="cuda")
     y = selective_scan(*ins, use_kernel=True)
     y_ref = selective_scan_chunked(*ins, delta_softplus=True)
@@ -99,23 +106,37 @@ def test_mamba_ssm_scan_matches_reference_gpu():
 
 @gpu
 def test_causal_conv1d_kernel_matches_reference_gpu():
-    if not kernels_available()["causal_conv1d"]:
-        pytest.skip("causal-conv1d not installed")
+    assert kernels_available()["causal_conv1d"], "causal-conv1d is not installed (pip install causal-conv1d)"
+    gen = torch.Generator(device="cuda").manual_seed(0)
     x, w, b = (
-        torch.randn(2, 64, 300, device="cuda"),
-        torch.randn(64, 4, device="cuda"),
-        torch.randn(64, device="cuda"),
+        torch.randn(*s, device="cuda", generator=gen).requires_grad_() for s in ((2, 64, 300), (64, 4), (64,))
     )
-    torch.testing.assert_close(causal_conv1d(x, w, b), causal_conv1d_ref(x, w, b), rtol=1e-4, atol=1e-4)
+    y, y_ref = causal_conv1d(x, w, b), causal_conv1d_ref(x, w, b)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    for name, a, r in zip(
+        "xwb", torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(y_ref, (x, w, b), g), strict=True
+    ):
+        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3, msg=name)
 
 
 @gpu
 def test_grouped_mm_matches_reference_gpu():
+    assert hasattr(torch, "_grouped_mm"), f"torch {torch.__version__} has no torch._grouped_mm"
     torch.manual_seed(0)
     counts = torch.tensor([100, 0, 37, 300, 1, 64, 0, 10], device="cuda")
     x = torch.randn(int(counts.sum()), 256, device="cuda", dtype=torch.bfloat16)
     gu = torch.randn(8, 2 * 128, 256, device="cuda", dtype=torch.bfloat16) * 0.05
     dn = torch.randn(8, 256, 128, device="cuda", dtype=torch.bfloat16) * 0.05
-    ref = experts_ref(x.float(), counts, gu.float(), dn.float())
-    out = experts_grouped(x, counts, gu, dn).float()
-    assert ((out - ref).norm() / ref.norm()) < 2e-2
+    ins = [t.requires_grad_() for t in (x, gu, dn)]
+    ins_ref = [t.detach().float().requires_grad_() for t in ins]
+    ref = experts_ref(ins_ref[0], counts, *ins_ref[1:])
+    out = experts_grouped(ins[0], counts, *ins[1:])
+    assert out.dtype == torch.bfloat16 and _rel(out, ref) < 2e-2
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, ins, g.bfloat16())
+    grads_ref = torch.autograd.grad(ref, ins_ref, g)
+    for name, a, r in zip(("x", "gate_up_proj", "down_proj"), grads, grads_ref, strict=True):
+        assert _rel(a, r) < 2e-2, (name, _rel(a, r))
+    # experts without tokens get zero gradients
+    assert not grads[1][[1, 6]].any() and not grads[2][[1, 6]].any()

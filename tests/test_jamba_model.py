@@ -142,3 +142,34 @@ def test_moe_gather_backward_equals_autograd_indexing(seed):
     torch.testing.assert_close(rows, x[order // k])
     (got,) = torch.autograd.grad(rows, x, g)
     torch.testing.assert_close(got, ref)
+
+
+def test_router_losses_follow_their_formulas(seed):
+    # z-loss: mean over tokens of logsumexp(router logits)^2, averaged over MoE layers; load balancing:
+    # E * sum_e f_e P_e; the total loss adds both with their coefficients
+    cfg = tiny(router_z_loss_coef=0.01)
+    m = JambaForCausalLM(cfg, seed=0)
+    with torch.no_grad():  # larger router logits, so a z-loss without its square differs clearly
+        for layer in m.model.layers:
+            if isinstance(layer.feed_forward, SparseMoE):
+                layer.feed_forward.router.weight.mul_(20)
+    logits = []
+    for layer in m.model.layers:
+        if isinstance(layer.feed_forward, SparseMoE):
+            layer.feed_forward.router.register_forward_hook(
+                lambda mod, i, o: logits.append(o.detach().float())
+            )
+    x = torch.randint(0, 97, (2, 25))
+    out = m(x[:, :-1], labels=x[:, 1:])
+    assert len(logits) == 2
+    z = torch.stack([torch.logsumexp(lg, -1).pow(2).mean() for lg in logits]).mean()
+    aux = []
+    for lg in logits:
+        p = torch.softmax(lg, -1)
+        f = torch.zeros(4).index_add_(0, p.topk(2, -1).indices.flatten(), torch.ones(p.shape[0] * 2))
+        aux.append(4 * (f / p.shape[0] * p.mean(0)).sum())
+    torch.testing.assert_close(out.z_loss, z, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.aux_loss, torch.stack(aux).mean(), rtol=1e-5, atol=0)
+    want = out.lm_loss + cfg.router_aux_loss_coef * out.aux_loss + 0.01 * z
+    torch.testing.assert_close(out.loss, want, rtol=1e-6, atol=0)
+    assert float(z) > 2 * float(torch.stack([torch.logsumexp(lg, -1).abs().mean() for lg in logits]).mean())

@@ -88,19 +88,57 @@ def test_compiled_layers_match_eager_gpu():
     assert not worse, worse
 
 
+def _counting(monkeypatch, module, name: str) -> list:
+    """Wrap module.name so that each call is counted (the fast path must really be taken)."""
+    calls, fn = [], getattr(module, name)
+
+    def wrapper(*a, **k):
+        calls.append(1)
+        return fn(*a, **k)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
 @pytest.mark.gpu
-def test_model_with_kernels_matches_reference_path_gpu():
+def test_model_with_kernels_matches_reference_path_gpu(monkeypatch):
     # The Mamba mixer hands the kernels channel-major views (no transposing copies): same numbers as the
-    # pure-PyTorch path, fp32, forward and every gradient.
+    # pure-PyTorch path, fp32, forward and every gradient; under bf16 autocast the experts run torch's
+    # grouped matmul, as close to fp32 as the reference path under autocast is. Every kernel must be there.
+    import jamba.experts
+    import jamba.scan
+    from jamba.scan import kernels_available
+
+    missing = [k for k, ok in kernels_available().items() if not ok]
+    assert not missing, f"kernels not installed: {missing} (the `gpu` extra)"
+    assert hasattr(torch, "_grouped_mm"), f"torch {torch.__version__} has no torch._grouped_mm"
+    scans = _counting(monkeypatch, jamba.scan, "_mamba_scan")
+    convs = _counting(monkeypatch, jamba.scan, "_cc1d")
+    grouped = _counting(monkeypatch, jamba.experts, "experts_grouped")
     cfg = tiny(hidden_size=64, intermediate_size=128)
     a, b = _pair(cfg.replace(use_kernels=False), cfg, device="cuda")
     x = torch.randint(0, 97, (3, 130), device="cuda")
     oa, ga = _grads(a, x)
+    assert not (scans or convs or grouped)  # the reference path takes none
     ob, gb = _grads(b, x)
+    assert scans and convs and not grouped  # fp32: no grouped matmul
     torch.testing.assert_close(ob.loss, oa.loss, rtol=1e-4, atol=1e-4)
+    rel = lambda p, q: float((p - q).norm() / q.norm().clamp(min=1e-8))  # noqa: E731
     for n in ga:
-        rel = (gb[n] - ga[n]).norm() / ga[n].norm().clamp(min=1e-8)
-        assert rel < 1e-3, (n, float(rel))
+        assert rel(gb[n], ga[n]) < 1e-3, (n, rel(gb[n], ga[n]))
+    for m in (a, b):
+        m.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", torch.bfloat16):
+        oa16, ga16 = _grads(a, x)
+        ob16, gb16 = _grads(b, x)
+    assert grouped, "bf16 autocast did not reach the grouped matmul"
+    assert abs(float(ob16.loss) - float(oa.loss)) <= 2 * abs(float(oa16.loss) - float(oa.loss)) + 1e-2
+    worse = {
+        n: (rel(gb16[n], ga[n]), rel(ga16[n], ga[n]))
+        for n in ga
+        if rel(gb16[n], ga[n]) > 2 * rel(ga16[n], ga[n]) + 1e-2
+    }
+    assert not worse, worse
 
 
 def test_residual_dtype_under_autocast():

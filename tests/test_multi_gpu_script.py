@@ -22,8 +22,11 @@ def _number(text: str) -> float:
 
 
 @pytest.mark.distributed
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(300)
 def test_multi_gpu_script_on_cpu(tmp_path):
+    # Only what this script adds: its throughput runs, scaling efficiency and all-to-all share, and its table
+    # and results. Its other steps repeat tests of their own: `equivalence` is tests/test_parallel_ep.py and
+    # test_parallel_deepspeed.py, `resume` (N ranks -> N/2) is test_parallel_checkpoint.py's 2 -> 1 resume.
     out = tmp_path / "mg"
     cmd = [
         sys.executable,
@@ -31,16 +34,17 @@ def test_multi_gpu_script_on_cpu(tmp_path):
         "--cpu",
         "--gpus",
         "2",
+        "--only",
+        "throughput",
+        "--steps",
+        "3",
         "--out",
         str(out),
     ]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=380)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     md = (out / "multi_gpu.md").read_text()
     assert md in p.stdout  # printed as well
-    # 1: both equivalence cases pass
-    assert re.search(r"\| 1 \| equivalence EP=2 over 2 ranks .*\| PASS \|", md), md
-    assert re.search(r"\| 1 \| equivalence EP=1 over 2 ranks .*\| PASS \|", md), md
     # 2: throughput rows with numbers, and the scaling efficiency
     for label in ("1 rank, EP=1", "2 ranks, EP=2, ZeRO-2"):
         m = re.search(
@@ -51,20 +55,12 @@ def test_multi_gpu_script_on_cpu(tmp_path):
     # 3: the all-to-all share, from the profile of the 2-rank run's last step
     m = re.search(r"\| 3 \| all-to-all share of the step \| ([\d.]+)% \|", md)
     assert m and 0 < float(m.group(1)) < 100, md
-    assert (out / "runs" / "throughput_2gpu" / "profile_step5.txt").is_file()
-    # 4: save on 2 ranks, resume on 1: the same losses
-    assert re.search(r"\| 4 \| save on 2, resume on 1 \| PASS \|", md), md
+    assert (out / "runs" / "throughput_2gpu" / "profile_step3.txt").is_file()
     res = json.loads((out / "results.json").read_text())
-    rs = res["resume"]
-    assert rs["steps"] == [3, 4] and rs["max_abs_diff"] <= 1e-5 and rs["portable_state_used"], rs
-    assert res["throughput"]["scaling_efficiency"] > 0
-    assert {c["name"] for c in res["commands"]} == {
-        "equivalence",
-        "throughput_1gpu",
-        "throughput_2gpu",
-        "resume_ref_2gpu",
-        "resume_1gpu",
-    }
+    tp = res["throughput"]
+    assert tp["scaling_efficiency"] > 0 and tp["multi"]["steps_used"] == [2]  # warm-up and profiled left out
+    assert {c["name"] for c in res["commands"]} == {"throughput_1gpu", "throughput_2gpu"}
+    assert "equivalence" not in res and "resume" not in res
     assert "NCCL_NVLS_ENABLE=0" in md
 
 

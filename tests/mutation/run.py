@@ -1,0 +1,347 @@
+"""Mutation check of the test suite: plant one bug at a time in a scratch copy of the repository, run only
+the tests that should catch it, and print a table. Not collected by pytest (no test_*.py), not part of CI.
+
+    python tests/mutation/run.py                 # every bug (several minutes on 2 cores)
+    python tests/mutation/run.py --only z_loss_square,rollback_no_reload
+    python tests/mutation/run.py --list          # the bugs and their tests, nothing run
+    python tests/mutation/run.py --baseline      # also run each selection unmutated first (must pass)
+
+The copy holds the working tree as git sees it (tracked and untracked, not ignored files), plus a link to
+data_cache/ (the built-in corpus). A bug is a literal replacement that must match exactly once; it is
+caught when pytest reports failing tests (exit code 1). Exit status: 0 iff every bug was caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Bug:
+    name: str
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+RUN = "tests/test_train_run.py::"
+SPIKES = "tests/test_train_spikes.py::"
+CKPT = "tests/test_parallel_checkpoint.py::"
+KILLED = RUN + "test_killed_save_keeps_latest_and_resume_is_exact"
+
+BUGS = [
+    # the 11 bugs of issue 18's audit
+    Bug(
+        "warmup_off_by_one",
+        "LR warmup off by one inside lr_multiplier",
+        "train/optim.py",
+        "return (step + 1) / s.warmup_steps",
+        "return step / s.warmup_steps",
+        ("tests/test_train_parts.py::test_cosine_warms_up_then_decays_to_the_floor",),
+    ),
+    Bug(
+        "lr_one_based_step",
+        "the trainer passes the 1-based step to the schedule",
+        "train/trainer.py",
+        "lr = cfg.optim.lr * lr_multiplier(self.step, cfg.schedule)",
+        "lr = cfg.optim.lr * lr_multiplier(step, cfg.schedule)",
+        (RUN + "test_metrics_reach_jsonl_and_offline_wandb",),
+    ),
+    Bug(
+        "aux_coef_one",
+        "aux-loss coefficient 1 instead of router_aux_loss_coef",
+        "jamba/model.py",
+        "out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss",
+        "out.loss = out.loss + out.aux_loss",
+        ("tests/test_jamba_model.py::test_forward_backward_shapes_and_stats",),
+    ),
+    Bug(
+        "z_loss_square",
+        "z-loss without the square",
+        "jamba/moe.py",
+        "z_sum = torch.logsumexp(logits, dim=-1).pow(2).sum()",
+        "z_sum = torch.logsumexp(logits, dim=-1).sum()",
+        ("tests/test_jamba_model.py::test_router_losses_follow_their_formulas",),
+    ),
+    Bug(
+        "ep_save_swapped",
+        "experts of the EP positions swapped in the save",
+        "parallel/checkpoint.py",
+        "Path(ckpt) / EXPERTS_FILE.format(r),",
+        "Path(ckpt) / EXPERTS_FILE.format(ep - 1 - r),",
+        (CKPT + "test_ep_checkpoint_four_ranks_then_two",),
+    ),
+    Bug(
+        "data_state_not_restored",
+        "data-loader state not restored on resume",
+        "train/trainer.py",
+        'self.train_data.load_state_dict(state["data"])',
+        "pass",
+        (KILLED,),
+    ),
+    Bug(
+        "weights_only_experts_permuted",
+        "experts permuted in the weights-only load",
+        "train/checkpoint.py",
+        "sd = load_file(str(ckpt / WEIGHTS_FILE))",
+        'sd = {k: v.flip(0) if ".experts." in k else v for k, v in load_file(str(ckpt / WEIGHTS_FILE)).items()}',
+        (RUN + "test_weights_only_resume_on_another_layout", CKPT + "test_ep_checkpoint_four_ranks_then_two"),
+    ),
+    Bug(
+        "rollback_no_reload",
+        "rollback without reloading the checkpoint",
+        "train/trainer.py",
+        'self.checkpointer.load(self.engine, ckpt, optimizer=state.get("world_size") == self.dist.world_size)',
+        "pass",
+        (SPIKES + "test_rollback_restores_the_checkpoint_and_moves_past_the_data",),
+    ),
+    Bug(
+        "skip_ignored_under_zero",
+        "skip_batch ignored under ZeRO",
+        "train/trainer.py",
+        "self.optimizer.skip = skip\n",
+        "self.optimizer.skip = skip and not self.engine.zero_optimization()\n",
+        (SPIKES + "test_skip_batch_under_zero2_on_two_ranks",),
+    ),
+    Bug(
+        "rng_not_restored",
+        "RNG state not restored on resume",
+        "train/checkpoint.py",
+        "set_rng_state(safe_load(rng), self.dist.device)",
+        "pass",
+        (KILLED,),
+    ),
+    Bug(
+        "wandb_id_not_restored",
+        "W&B run id not restored on resume",
+        "train/trainer.py",
+        'self.wandb_id = state.get("wandb_run_id") or self.wandb_id',
+        "self.wandb_id = self.wandb_id",
+        (KILLED,),
+    ),
+    # more of our own
+    Bug(
+        "softplus_dropped",
+        "softplus on dt dropped (the reference scan)",
+        "jamba/scan.py",
+        "delta = F.softplus(delta)",
+        "delta = delta",
+        ("tests/test_jamba_hf_parity.py::test_logits_match_transformers_and_weights_round_trip",),
+    ),
+    Bug(
+        "moe_top1",
+        "MoE routes to top-1 instead of top-k",
+        "jamba/moe.py",
+        "torch.topk(probs, self.top_k, dim=-1)",
+        "torch.topk(probs, 1, dim=-1)",
+        ("tests/test_jamba_model.py::test_forward_backward_shapes_and_stats",),
+    ),
+    Bug(
+        "causal_mask_off",
+        "attention without the causal mask",
+        "jamba/attention.py",
+        "is_causal=True",
+        "is_causal=False",
+        ("tests/test_jamba_model.py::test_causality",),
+    ),
+    Bug(
+        "grad_accum_not_averaged",
+        "step loss summed over micro-batches, not averaged (grad accumulation)",
+        "train/trainer.py",
+        "acc[:4] /= gas * self.dist.world_size",
+        "acc[:4] /= self.dist.world_size",
+        (CKPT + "test_train_resumes_on_one_rank_with_optimizer_states",),
+    ),
+    Bug(
+        "ep_regroup_inverse",
+        "EP all-to-all: received rows put back with the permutation instead of its inverse",
+        "parallel/expert_parallel.py",
+        "y_recv = y_grp[torch.argsort(perm)]",
+        "y_recv = y_grp[perm]",
+        ("tests/test_parallel_ep.py::test_expert_parallel_two_ranks",),
+    ),
+    Bug(
+        "data_shard_order",
+        "data: streams read overlapping shard positions (visit order)",
+        "data/order.py",
+        "divmod(stream + k * self.num_streams, len(self.shards))",
+        "divmod(stream * self.num_streams + k, len(self.shards))",
+        ("tests/test_data_loader.py::test_epochs_partition_shards_among_streams",),
+    ),
+    Bug(
+        "ranks_same_streams",
+        "data: every rank reads the streams of rank 0",
+        "data/state.py",
+        "return list(range(u, self.num_streams, self.layout.slots))",
+        "return list(range(u % self.layout.slots_per_rank, self.num_streams, self.layout.slots))",
+        ("tests/test_data_loader.py::test_ranks_read_disjoint_streams",),
+    ),
+    Bug(
+        "consolidated_rank0_experts",
+        "consolidated weights hold rank 0's experts on every EP position",
+        "parallel/expert_parallel.py",
+        "sd[key] = all_gather_cat(getattr(ex, pname).detach(), groups.ep_group)",
+        "sd[key] = getattr(ex, pname).detach().repeat(groups.ep_size, 1, 1)",
+        (KILLED,),
+    ),
+    Bug(
+        "max_rollbacks_off_by_one",
+        "max_rollbacks off by one (the allowed rollback fails)",
+        "train/trainer.py",
+        "if self.rollbacks > self.cfg.spikes.max_rollbacks:",
+        "if self.rollbacks >= self.cfg.spikes.max_rollbacks:",
+        (SPIKES + "test_rollback_restores_the_checkpoint_and_moves_past_the_data",),
+    ),
+    Bug(
+        "max_rollbacks_ignored",
+        "max_rollbacks never enforced",
+        "train/trainer.py",
+        "if self.rollbacks > self.cfg.spikes.max_rollbacks:",
+        "if False:",
+        (SPIKES + "test_too_many_rollbacks_stop_the_run",),
+    ),
+    Bug(
+        "nonfinite_grad_applied",
+        "non-finite gradients applied on one rank (stage 0)",
+        "train/trainer.py",
+        "                skip = True  # as ZeRO does",
+        "                pass  # as ZeRO does",
+        (SPIKES + "test_nonfinite_gradients_skip_the_update",),
+    ),
+    Bug(
+        "no_signal_handlers",
+        "SIGTERM/SIGUSR1 handlers not installed",
+        "train/trainer.py",
+        "signal.signal(sig, self._request_stop)",
+        "pass",
+        ("tests/test_train_signals.py::test_sigterm_and_sigusr1_save_and_exit_zero",),
+    ),
+    Bug(
+        "stop_without_save",
+        "a signal stops the run without saving",
+        "train/trainer.py",
+        "if cfg.checkpoint.save_final or self.stop_requested:",
+        "if cfg.checkpoint.save_final:",
+        ("tests/test_train_signals.py::test_sigterm_and_sigusr1_save_and_exit_zero",),
+    ),
+    Bug(
+        "clip_dropped",
+        "gradient clipping dropped on one rank (stage 0)",
+        "train/optim.py",
+        "optimizer.clip_divisor = (norm + 1e-6) / max_norm",
+        "optimizer.clip_divisor = None",
+        ("tests/test_train_parts.py::test_clipping_in_the_optimizer_step_equals_torch_clipping",),
+    ),
+    Bug(
+        "eval_total_loss",
+        "train.eval reports the loss with the router terms instead of the LM loss",
+        "train/eval.py",
+        "total, n_tok, n_batches = total + float(out.lm_loss) * n",
+        "total, n_tok, n_batches = total + float(out.loss) * n",
+        (RUN + "test_eval_cli_reports_loss_and_perplexity",),
+    ),
+]
+
+
+def copy_tree(dst: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for f in filter(None, files):
+        src = ROOT / os.fsdecode(f)
+        if src.is_file():
+            (dst / src.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / src.relative_to(ROOT))
+    if (ROOT / "data_cache").is_dir():
+        (dst / "data_cache").symlink_to(ROOT / "data_cache")
+
+
+def pytest(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
+    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        p = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, "timeout"
+    return p.returncode, p.stdout[-3000:] + p.stderr[-2000:]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="comma-separated bug names")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--baseline", action="store_true", help="run each selection unmutated first")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per pytest run")
+    ap.add_argument("--out", type=Path, help="also write the table here")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print pytest's output of missed bugs")
+    a = ap.parse_args()
+    bugs = BUGS
+    if a.only:
+        names = a.only.split(",")
+        if unknown := sorted(set(names) - {b.name for b in BUGS}):
+            ap.error(f"unknown bugs {unknown}; --list shows them")
+        bugs = [b for b in BUGS if b.name in names]
+    if a.list:
+        for b in bugs:
+            print(f"{b.name}: {b.what} ({b.path}) -> {', '.join(b.tests)}")
+        return 0
+    rows, ok = [], True
+    with tempfile.TemporaryDirectory(prefix="jamba-mutation-") as tmp:
+        copy = Path(tmp)
+        copy_tree(copy)
+        for b in bugs:
+            target = copy / b.path
+            original = target.read_text()
+            n = original.count(b.old)
+            short = ", ".join(t.split("::")[-1] or t for t in b.tests)
+            if n != 1:
+                rows.append((b.what, short, f"NOT PLANTED ({n} matches of the old text)", 0.0))
+                ok = False
+                continue
+            t0 = time.monotonic()
+            if a.baseline:
+                rc, out = pytest(copy, b.tests, a.timeout)
+                if rc != 0:
+                    rows.append((b.what, short, f"BASELINE FAILS (pytest exit {rc})", time.monotonic() - t0))
+                    print(out, file=sys.stderr)
+                    ok = False
+                    continue
+            target.write_text(original.replace(b.old, b.new))
+            try:
+                rc, out = pytest(copy, b.tests, a.timeout)
+            finally:
+                target.write_text(original)
+            result = {0: "**missed**", 1: "caught"}.get(rc, f"ERROR (pytest exit {rc})")
+            ok &= rc == 1
+            if rc != 1 and a.verbose:
+                print(out, file=sys.stderr)
+            rows.append((b.what, short, result, time.monotonic() - t0))
+            print(f"{b.name}: {result} ({rows[-1][3]:.0f} s)", file=sys.stderr, flush=True)
+    table = ["| planted bug | tests run | result | seconds |", "| --- | --- | --- | ---: |"]
+    table += [f"| {w} | {t} | {r} | {s:.0f} |" for w, t, r, s in rows]
+    caught = sum(r == "caught" for _, _, r, _ in rows)
+    table.append(f"\n{caught} of {len(rows)} planted bugs caught.")
+    text = "\n".join(table)
+    print(text)
+    if a.out:
+        a.out.write_text(text + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
