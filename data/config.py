@@ -24,7 +24,8 @@ class DataConfig:
     # at the first start. Fixed by the checkpointed state afterwards, and it bounds how many
     # (rank, worker) slots a resume may use: set it (e.g. 64) if you expect to grow the job.
     num_streams: int = 0
-    # Shuffle shards per epoch and documents per shard (seeded); False reads in stored order.
+    # Shuffle shards per epoch, documents per shard visit and the windows of each visit (seeded, so every
+    # row of a micro-batch is an independent draw); False reads in stored order.
     shuffle: bool = True
     # Check every shard's size and sha256 against the manifest as it is read.
     verify_checksums: bool = True

@@ -232,7 +232,10 @@ class TokenLoader:
         """Continue exactly where `state` was taken. A different world size, worker count, micro-batch
         size or seq_len continues every stream at its exact token offset (nothing repeated or skipped)."""
         if not isinstance(state, dict) or state.get("version") != VERSION:
-            raise ValueError(f"not a data loader state of version {VERSION}: {str(state)[:200]}")
+            raise ValueError(
+                f"not a data loader state of version {VERSION} (version 1 predates shuffled windows): "
+                f"{str(state)[:200]}"
+            )
         if state.get("split") != self.split:
             raise ValueError(f"state is for split {state.get('split')!r}, this loader reads {self.split!r}")
         if state.get("fingerprint") != self.manifest.fingerprint:

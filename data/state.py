@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-VERSION = 1
+VERSION = 2  # 2: shuffled plans read the windows of each shard visit permuted
 
 
 @dataclass(frozen=True)
