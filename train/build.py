@@ -5,6 +5,7 @@ Order (the trainer follows it): data -> model from jamba/ -> spread by parallel/
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ from .metrics import ConsoleSink, JsonlSink, Metrics, WandbSink
 from .optim import SkippableAdamW, build_optimizer
 
 log = logging.getLogger("train.build")
+VOCAB_MULTIPLE = 64  # GEMM-friendly embedding and LM-head shapes
 
 
 def build_data(dcfg: DataConfig, dist: Dist) -> tuple[TokenLoader, TokenLoader | None]:
@@ -43,12 +45,29 @@ def build_data(dcfg: DataConfig, dist: Dist) -> tuple[TokenLoader, TokenLoader |
     return train, val
 
 
+def padded_vocab_size(data_vocab_size: int) -> int:
+    """The corpus's vocabulary rounded up to a multiple of VOCAB_MULTIPLE (the extra ids are never targets:
+    the loader checks every token id against the corpus's vocabulary)."""
+    return -(-data_vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
 def build_model(cfg: Config, data_vocab_size: int) -> tuple[JambaConfig, JambaForCausalLM]:
-    model_cfg = build_model_config(cfg.model, cfg.parallel.activation_checkpointing)
+    """model.vocab_size unset: the corpus's vocabulary, padded; set: as given, and it must hold the data."""
+    model = cfg.model
+    if model.vocab_size is None:
+        model = dataclasses.replace(model, vocab_size=padded_vocab_size(data_vocab_size))
+        log.info(
+            "model.vocab_size=%d: the %d ids of %s, padded to a multiple of %d",
+            model.vocab_size,
+            data_vocab_size,
+            cfg.data.path,
+            VOCAB_MULTIPLE,
+        )
+    model_cfg = build_model_config(model, cfg.parallel.activation_checkpointing)
     if model_cfg.vocab_size < data_vocab_size:
         raise ConfigError(
-            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-            f"{data_vocab_size} ids of {cfg.data.path}; set model.vocab_size={data_vocab_size} or more"
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the {data_vocab_size} token ids of "
+            f"{cfg.data.path}; set model.vocab_size={padded_vocab_size(data_vocab_size)} or leave it unset"
         )
     return model_cfg, JambaForCausalLM(model_cfg, seed=cfg.trainer.seed)
 
