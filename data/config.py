@@ -20,9 +20,10 @@ class DataConfig:
     seed: int = 1234
     # DataLoader worker processes per rank; 0 reads in the training process.
     num_workers: int = 0
-    # Independent shard streams the train data is split into; 0 means world_size * max(1, num_workers)
-    # at the first start. Fixed by the checkpointed state afterwards, and it bounds how many
-    # (rank, worker) slots a resume may use: set it (e.g. 64) if you expect to grow the job.
+    # Independent shard streams the train data is split into; 0 means min(train shards,
+    # max(8, world_size * max(1, num_workers))) at the first start. Fixed by the checkpointed state
+    # afterwards, and it bounds how many (rank, worker) slots a resume may use: set it (e.g. 64, within
+    # the shard count) if you expect to grow the job.
     num_streams: int = 0
     # Shuffle shards per epoch, documents per shard visit and the windows of each visit (seeded, so every
     # row of a micro-batch is an independent draw); False reads in stored order.

@@ -24,18 +24,29 @@ from .stream import TokenStream
 
 __all__ = ["TokenLoader", "ensure_builtin_corpus"]  # the latter re-exported for the training loop
 log = logging.getLogger("data.loader")
+AUTO_STREAMS = 8  # num_streams=0: this many streams (within the shards), more if there are more slots
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class _ShardSource:
-    """Reads shard i of a split (picklable, so DataLoader workers can carry it)."""
+    """Reads shard i of a split (picklable, so DataLoader workers can carry it). Every token id is checked
+    against the vocabulary whatever `verify` says: an id past it would index past the embedding."""
 
-    def __init__(self, path: str, shards: list[ShardInfo], dtype: str, verify: bool) -> None:
+    def __init__(self, path: str, shards: list[ShardInfo], dtype: str, verify: bool, vocab_size: int) -> None:
         self.path, self.shards, self.dtype, self.verify = path, shards, dtype, verify
+        self.vocab_size = vocab_size
 
     def __call__(self, i: int) -> list[np.ndarray]:
         s = self.shards[i]
-        return read_shard(location(self.path, s.name), s, self.dtype, self.verify)
+        url = location(self.path, s.name)
+        docs = read_shard(url, s, self.dtype, self.verify)
+        top = max((int(d.max()) for d in docs if d.size), default=-1)
+        if top >= self.vocab_size:
+            raise DataError(
+                f"shard {url}: token id {top} is outside the vocabulary of {self.vocab_size} ids in the "
+                f"manifest (corrupt; re-run prepare)"
+            )
+        return docs
 
 
 def _to_batch(rows: np.ndarray) -> Batch:
@@ -88,11 +99,13 @@ class TokenLoader:
                 f"(prepare with a larger --val-fraction or more input)"
             )
         check_local_shards(cfg.path, self.shards)
-        self._source = _ShardSource(cfg.path, self.shards, self.manifest.dtype, cfg.verify_checksums)
+        self._source = _ShardSource(
+            cfg.path, self.shards, self.manifest.dtype, cfg.verify_checksums, self.manifest.vocab_size
+        )
         self.layout = Layout(world_size, cfg.num_workers, cfg.micro_batch_size, cfg.seq_len)
         self._generation = 0
         if split == "train":
-            streams = cfg.num_streams or self.layout.slots
+            streams = cfg.num_streams or min(len(self.shards), max(self.layout.slots, AUTO_STREAMS))
             self._check_streams(streams)
             self._state = LoaderState(
                 self.manifest.fingerprint, cfg.seed, cfg.shuffle, streams, self.layout, base=[0] * streams
@@ -198,17 +211,23 @@ class TokenLoader:
 
     def _check_streams(self, streams: int) -> None:
         n, slots = len(self.shards), self.layout.slots
+        ranks = f"world_size x num_workers = {self.world_size} x {max(1, self.cfg.num_workers)}"
+        if slots > n:
+            mb = sum(s.bytes for s in self.shards) / (1 << 20) / slots
+            raise ValueError(
+                f"{ranks} = {slots} (rank, worker) slots, but {self.cfg.path} has only {n} train "
+                f"shard(s) and each slot reads whole shards; prepare it again with --shard-size-mb "
+                f"{mb:.3g} or less (its train split is {mb * slots:.3g} MB), or use fewer ranks/workers"
+            )
         if streams > n:
             raise ValueError(
-                f"{streams} streams (num_streams, or world_size x num_workers = "
-                f"{self.world_size} x {max(1, self.cfg.num_workers)}) exceed the {n} train shards of "
-                f"{self.cfg.path}; prepare with a smaller --shard-size-mb or use fewer workers"
+                f"data.num_streams={streams} exceeds the {n} train shards of {self.cfg.path}; "
+                f"use at most {n} (or 0: chosen from the shards)"
             )
         if slots > streams:
             raise ValueError(
-                f"world_size x num_workers = {self.world_size} x {max(1, self.cfg.num_workers)} = "
-                f"{slots} slots, but the data is split into {streams} streams (num_streams, fixed "
-                f"by the checkpointed state); use at most {streams} slots, e.g. fewer workers"
+                f"{ranks} = {slots} slots, but the data is split into {streams} streams (num_streams, "
+                f"fixed by the checkpointed state); use at most {streams} slots, e.g. fewer workers"
             )
         if streams % slots:
             log.warning(
