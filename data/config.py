@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .mixture import MixtureEntry
 
 
 @dataclass
@@ -15,6 +17,10 @@ class DataConfig:
     """
 
     path: str = "data_cache/stdlib"
+    # Several prepared corpora (one tokenizer) blended by sampling weight: [{path: ..., weight: ...}, ...].
+    # Each row of a micro-batch reads corpus c with probability weight_c / sum(weights), deterministically;
+    # `path` is then not read, and validation uses the first corpus's val split.
+    mixture: list[MixtureEntry] = field(default_factory=list)
     seq_len: int = 256
     micro_batch_size: int = 4
     seed: int = 1234

@@ -29,7 +29,8 @@ VOCAB_MULTIPLE = 64  # GEMM-friendly embedding and LM-head shapes
 
 def build_data(dcfg: DataConfig, dist: Dist) -> tuple[TokenLoader, TokenLoader | None]:
     """This rank's train stream and validation split (None, with a warning, when the corpus has none)."""
-    if os.path.normpath(dcfg.path) == os.path.normpath(DataConfig().path):  # the built-in corpus
+    paths = [e.path for e in dcfg.mixture] or [dcfg.path]
+    if os.path.normpath(DataConfig().path) in map(os.path.normpath, paths):  # the built-in corpus
         if dist.is_main:
             ensure_builtin_corpus(dcfg.path)  # prepared once, on first use
         barrier()

@@ -332,6 +332,7 @@ class Trainer:
                         **memory_gb(self.dist.device),
                     }
                 )
+                m.update({f"data/tokens/{k}": v for k, v in self.train_data.tokens_per_corpus().items()})
                 flops = tps * self.flops_per_token / self.dist.world_size  # model FLOP/s per device
                 m["perf/tflops_per_device"] = flops / 1e12
                 if self.peak_flops:
