@@ -52,9 +52,15 @@ def padded_vocab_size(data_vocab_size: int) -> int:
     return -(-data_vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def build_model(cfg: Config, data_vocab_size: int) -> tuple[JambaConfig, JambaForCausalLM]:
-    """model.vocab_size unset: the corpus's vocabulary, padded; set: as given, and it must hold the data."""
+def build_model(
+    cfg: Config, data_vocab_size: int, token_ids: dict[str, int] | None = None
+) -> tuple[JambaConfig, JambaForCausalLM]:
+    """model.vocab_size unset: the corpus's vocabulary, padded; set: as given, and it must hold the data.
+    model.bos/eos/pad_token_id unset: the corpus's (`token_ids`), so checkpoints and exports carry them."""
     model = cfg.model
+    unset = {k: v for k, v in (token_ids or {}).items() if getattr(model, k) is None}
+    if unset:
+        model = dataclasses.replace(model, **unset)
     if model.vocab_size is None:
         model = dataclasses.replace(model, vocab_size=padded_vocab_size(data_vocab_size))
         log.info(
