@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m train.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("checkpoint")
-    p.add_argument("--data", help="prepared corpus (default: the run's data.path)")
+    p.add_argument("--data", help="prepared corpus (default: the run's data.path, or its mixture's first)")
     p.add_argument("--split", default="val", choices=("val", "train"))
     p.add_argument("--seq-len", type=int, help="default: the run's data.seq_len")
     p.add_argument("--micro-batch-size", type=int, default=8)
@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = resolve(a.checkpoint)
         state = read_state(ckpt)
         run_data = state["config"]["data"]
+        mixture = run_data.get("mixture") or []  # a mixture run validates on its first corpus
         dcfg = DataConfig(
-            path=a.data or run_data["path"],
+            path=a.data or (mixture[0]["path"] if mixture else run_data["path"]),
             seq_len=a.seq_len or run_data["seq_len"],
             micro_batch_size=a.micro_batch_size,
         )
