@@ -109,7 +109,7 @@ class TokenLoader:
             entries = [MixtureEntry(cfg.mixture[0].path, 1.0)]  # a mixture validates on its first corpus
         weights = check_weights(entries)
         self.paths = [str(e.path) for e in entries]
-        self.manifests = [self._manifest(p) for p in self.paths]
+        self.manifests = [self._manifest(p, named=bool(cfg.mixture)) for p in self.paths]
         self.manifest, self.path = self.manifests[0], self.paths[0]
         _check_same_tokenizer(self.paths, self.manifests)
         self.layout = Layout(world_size, cfg.num_workers, cfg.micro_batch_size, cfg.seq_len)
@@ -146,11 +146,12 @@ class TokenLoader:
             self._val_batches = self._count_val_batches()
 
     @staticmethod
-    def _manifest(path: str):
+    def _manifest(path: str, named: bool):
+        """The corpus's manifest; in a mixture, a load error names the corpus first."""
         try:
             return load_manifest(path)
         except DataError as e:
-            raise DataError(f"corpus {path}: {e}") from None
+            raise DataError(f"corpus {path}: {e}" if named else str(e)) from None
 
     # --- metadata -------------------------------------------------------------------------------
     @property
