@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .mixture import MixtureEntry
 
 
 @dataclass
@@ -16,16 +18,22 @@ class DataConfig:
     """
 
     path: str = "data_cache/stdlib"
+    # Several prepared corpora (one tokenizer) blended by sampling weight: [{path: ..., weight: ...}, ...].
+    # Each row of a micro-batch reads corpus c with probability weight_c / sum(weights), deterministically;
+    # `path` is then not read, and validation uses the first corpus's val split.
+    mixture: list[MixtureEntry] = field(default_factory=list)
     seq_len: int = 256
     micro_batch_size: int = 4
     seed: int = 1234
     # DataLoader worker processes per rank; 0 reads in the training process.
     num_workers: int = 0
-    # Independent shard streams the train data is split into; 0 means world_size * max(1, num_workers)
-    # at the first start. Fixed by the checkpointed state afterwards, and it bounds how many
-    # (rank, worker) slots a resume may use: set it (e.g. 64) if you expect to grow the job.
+    # Independent shard streams the train data is split into; 0 means min(train shards,
+    # max(8, world_size * max(1, num_workers))) at the first start. Fixed by the checkpointed state
+    # afterwards, and it bounds how many (rank, worker) slots a resume may use: set it (e.g. 64, within
+    # the shard count) if you expect to grow the job.
     num_streams: int = 0
-    # Shuffle shards per epoch and documents per shard (seeded); False reads in stored order.
+    # Shuffle shards per epoch, documents per shard visit and the windows of each visit (seeded, so every
+    # row of a micro-batch is an independent draw); False reads in stored order.
     shuffle: bool = True
     # Check every shard's size and sha256 against the manifest as it is read.
     verify_checksums: bool = True

@@ -3,8 +3,10 @@
 Train shards are dealt to `num_streams` independent streams: concatenate the per-epoch shard
 permutations into one infinite sequence Q = perm(epoch 0) ++ perm(epoch 1) ++ ...; stream s reads
 Q[s], Q[s + S], Q[s + 2S], ... ("visits"), each visit's documents in a per-(epoch, shard) permutation.
-Nothing here depends on world size or workers, so a stream's token sequence is fixed by the seed, and
-a position inside it is just a token offset. Hashing is our own (splitmix64), so the order does not
+A stream is cut into windows on a grid of seq_len tokens; with shuffling on, the windows that start in one
+visit are read in a per-(epoch, shard) permutation too, so consecutive reads of a stream are unrelated
+parts of its shard (see data/stream.py). Nothing here depends on world size or workers, so a stream's
+window sequence is fixed by the seed, and a position inside it is just a token offset (windows read x seq_len). Hashing is our own (splitmix64), so the order does not
 change with numpy's RNG implementation.
 """
 
@@ -16,7 +18,7 @@ from .manifest import ShardInfo
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
-_SHARDS, _DOCS = 1, 2  # domain tags, so shard and document permutations are independent
+_SHARDS, _DOCS, _WINDOWS = 1, 2, 3  # domain tags, so shard, document and window permutations are independent
 
 
 def _mix_int(x: int) -> int:
@@ -81,6 +83,10 @@ class StreamPlan:
     def doc_order(self, epoch: int, shard: int) -> np.ndarray:
         n = self.shards[shard].documents
         return permutation(n, self.seed, _DOCS, epoch, shard) if self.shuffle else np.arange(n)
+
+    def window_order(self, epoch: int, shard: int, count: int) -> np.ndarray:
+        """Order in which the `count` windows starting in one visit of `shard` are read."""
+        return permutation(count, self.seed, _WINDOWS, epoch, shard) if self.shuffle else np.arange(count)
 
     def locate(self, stream: int, offset: int) -> tuple[int, int]:
         """(k, token offset where visit k starts) for the visit holding `offset`; arithmetic on the

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from .errors import DataError
@@ -35,7 +36,11 @@ from .tokenizer import ByteTokenizer, HFTokenizer, token_dtype, train_bpe
 log = logging.getLogger("data.prepare")
 BUILTIN_PATH = "data_cache/stdlib"
 BUILTIN_SHARD_MB = 2.0  # ~30 shards, so up to ~30 (rank, worker) slots can share the small built-in corpus
-DEFAULT_SHARD_MB = 64.0
+DEFAULT_SHARD_MB = 64.0  # the largest fitted shard size: inputs over ~1-2 GB get shards of this size
+FIT_SHARDS = 32  # the fitted size aims at this many train shards, so >= 16 even when the estimate is off
+MIN_FIT_SHARD_BYTES = 64 << 10
+FEW_SHARDS = 16
+SAMPLE_BYTES = 1 << 20
 MAX_EXAMPLES = 100
 
 
@@ -59,6 +64,29 @@ def _make_tokenizer(
         log.info("training a byte-level BPE with vocab %d on up to %.0f MB", vocab_size, bpe_sample_mb)
         return train_bpe(texts(), vocab_size)
     return HFTokenizer.from_file(spec, **specials)
+
+
+def fitted_shard_bytes(tok, units: list, text_field: str, total_bytes: int) -> int:
+    """A shard size that cuts the input into ~FIT_SHARDS train shards, between 64 KB and DEFAULT_SHARD_MB.
+
+    Output bytes are estimated from the input size and the tokens per input byte of a ~1 MB sample
+    (exact for the byte tokenizer: one token per UTF-8 byte); `.gz` inputs count by their compressed size.
+    """
+    itemsize = np.dtype(token_dtype(tok.vocab_size)).itemsize
+    cap = int(DEFAULT_SHARD_MB * (1 << 20))
+    tokens_per_byte = 1.0
+    if not isinstance(tok, ByteTokenizer) and total_bytes * itemsize // FIT_SHARDS < cap:
+        texts, seen = [], 0
+        for unit in units:
+            for t in read_unit(unit, text_field)[0]:
+                texts.append(t)
+                seen += len(t.encode("utf-8"))
+            if seen >= SAMPLE_BYTES:
+                break
+        if seen:
+            tokens_per_byte = sum(int(a.size) for a in tok.encode_batch(texts)) / seen
+    estimate = total_bytes * tokens_per_byte * itemsize
+    return int(min(cap, max(MIN_FIT_SHARD_BYTES, estimate / FIT_SHARDS)))
 
 
 def _is_val(index: int, fraction: float) -> bool:
@@ -116,7 +144,12 @@ def prepare(
     tok_json = None if isinstance(tok, ByteTokenizer) else tok.to_str()
     if tok_json is not None:
         (tmp / "tokenizer.json").write_text(tok_json)
-    target = int((shard_size_mb or (BUILTIN_SHARD_MB if builtin else DEFAULT_SHARD_MB)) * (1 << 20))
+    total = sum(max(u.end - u.start, 0) if u.end >= 0 else _size(u.path) for u in units)
+    if shard_size_mb or builtin:
+        target = int((shard_size_mb or BUILTIN_SHARD_MB) * (1 << 20))
+    else:
+        target = fitted_shard_bytes(tok, units, text_field, total)
+        log.info("shard size %.2f MB, fitted to %.1f MB of input", target / (1 << 20), total / 1e6)
     writers = {
         "train": ShardWriter(tmp, "train", target, dtype),
         "val": ShardWriter(tmp, "val", target, dtype),
@@ -124,7 +157,6 @@ def prepare(
     counts: Counter = Counter()
     examples: dict[str, list[str]] = {r: [] for r in SKIP_REASONS}
     n_docs = n_bytes = 0
-    total = sum(max(u.end - u.start, 0) if u.end >= 0 else _size(u.path) for u in units)
     if workers is None:  # byte "tokenizing" is a copy: process IPC would cost more than it saves
         workers = 1 if isinstance(tok, ByteTokenizer) else os.cpu_count() or 1
     results = tokenize_units(units, min(workers, len(units)), tok_json, dtype, text_field)
@@ -157,6 +189,14 @@ def prepare(
             raise DataError(
                 f"no documents to train on: {len(files)} input files gave {n_docs} documents "
                 f"(skipped: {dict(counts) or 'none'}); check the inputs and --text-field"
+            )
+        if len(splits["train"]) < FEW_SHARDS and not builtin:
+            log.warning(
+                "only %d train shards: at most %d (rank, worker) slots can read this corpus; "
+                "a smaller --shard-size-mb (now %.3g) makes more",
+                len(splits["train"]),
+                len(splits["train"]),
+                target / (1 << 20),
             )
         if val_fraction > 0 and not splits["val"]:
             log.warning(
@@ -242,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--shard-size-mb",
         type=float,
-        help=f"target shard size (default {DEFAULT_SHARD_MB}, {BUILTIN_SHARD_MB} for the stdlib corpus)",
+        help=f"target shard size (default: fitted to give ~{FIT_SHARDS} train shards, 64 KB to "
+        f"{DEFAULT_SHARD_MB:g} MB; {BUILTIN_SHARD_MB:g} for the stdlib corpus)",
     )
     p.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for validation")
     p.add_argument("--workers", type=int, help="tokenizer processes (default: CPU count; 1 for byte)")

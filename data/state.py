@@ -4,14 +4,19 @@ Stream s is owned by slot u = s mod U, where U = world_size * max(1, num_workers
 u = rank * max(1, num_workers) + worker. A rank's n-th micro-batch comes from its slot n mod workers;
 a slot fills a micro-batch by taking windows from its streams round-robin. So with every rank drawing
 the same number n of micro-batches (data-parallel lockstep), each stream's offset is
-`base + seq_len * picks(n)`, and any rank can state the global position of every stream.
+`base + seq_len * picks(n)`, and any rank can state the global position of every stream. In a mixture,
+each corpus has its own state and streams, and a slot's picks of a corpus are the rows the mixture's
+row schedule (data/mixture.py) gave that corpus.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
-VERSION = 1
+from .mixture import RowSchedule
+
+VERSION = 2  # 2: shuffled plans read the windows of each shard visit permuted
 MAX_EPOCHS = 10_000  # a stream further in than this is a damaged state, not a run (seeking it would hang)
 
 
@@ -40,6 +45,12 @@ class LoaderState:
     layout: Layout
     base: list[int] = field(default_factory=list)  # token offset of every stream when this layout began
     batches: int = 0  # micro-batches each rank has drawn since then
+    corpus: int = 0  # index of this corpus in its mixture
+    weights: tuple[float, ...] = (1.0,)  # the mixture's normalised weights (one corpus: (1.0,))
+
+    @property
+    def schedule(self) -> RowSchedule:
+        return _schedule(tuple(self.weights), self.seed)
 
     def slot_streams(self, rank: int, worker: int) -> list[int]:
         u = rank * self.layout.slots_per_rank + worker
@@ -53,7 +64,8 @@ class LoaderState:
     def slot_offsets(self, rank: int, worker: int, n: int) -> tuple[list[int], int]:
         """Offsets of the slot's streams after the rank's first n micro-batches, and the next pick."""
         streams = self.slot_streams(rank, worker)
-        picks = self.layout.micro_batch_size * self.slot_batches(worker, n)
+        rows = self.layout.micro_batch_size * self.slot_batches(worker, n)
+        picks = int(self.schedule.rows(rank * self.layout.slots_per_rank + worker, rows)[self.corpus])
         m = len(streams)
         offs = [
             self.base[s] + self.layout.seq_len * (picks // m + (1 if j < picks % m else 0))
@@ -71,8 +83,8 @@ class LoaderState:
                     out[s] = off
         return out
 
-    def rebase(self, layout: Layout) -> LoaderState:
-        """Same stream positions, new (rank, worker) layout: nothing repeated, nothing skipped."""
+    def rebase(self, layout: Layout, weights: tuple[float, ...] | None = None) -> LoaderState:
+        """Same stream positions, new (rank, worker) layout or mixture weights: nothing repeated or skipped."""
         return LoaderState(
             self.fingerprint,
             self.seed,
@@ -81,6 +93,8 @@ class LoaderState:
             layout,
             base=self.offsets(),
             batches=0,
+            corpus=self.corpus,
+            weights=self.weights if weights is None else tuple(weights),
         )
 
     def to_dict(self) -> dict:
@@ -98,6 +112,7 @@ class LoaderState:
             "seq_len": lay.seq_len,
             "base_offsets": list(self.base),
             "batches": self.batches,
+            **({"corpus": self.corpus, "weights": list(self.weights)} if len(self.weights) > 1 else {}),
         }
 
     @classmethod
@@ -114,9 +129,13 @@ class LoaderState:
                 layout,
                 base=[int(x) for x in d["base_offsets"]],
                 batches=int(d["batches"]),
+                corpus=int(d.get("corpus", 0)),
+                weights=tuple(float(w) for w in d.get("weights", (1.0,))),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed data loader state ({type(e).__name__}: {e})") from None
+        if not 0 <= st.corpus < len(st.weights):
+            raise ValueError(f"malformed data loader state: corpus {st.corpus} of {len(st.weights)} weights")
         if len(st.base) != st.num_streams or st.batches < 0 or min(st.base, default=0) < 0:
             raise ValueError(
                 f"malformed data loader state: {len(st.base)} offsets for {st.num_streams} streams"
@@ -146,3 +165,8 @@ def check_offsets(offsets: list[int], shards: list, num_streams: int) -> None:
                 f"data loader state: stream {s} is at token offset {off}, more than {MAX_EPOCHS} epochs into "
                 f"this corpus; the state is damaged or belongs to another corpus"
             )
+
+
+@functools.lru_cache(maxsize=8)
+def _schedule(weights: tuple[float, ...], seed: int) -> RowSchedule:
+    return RowSchedule(list(weights), seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+log = logging.getLogger("data.prepare")
 # Names under which common tokenizer files (Llama, Jamba, GPT-2, BERT-likes) keep their specials.
 BOS_NAMES = ("<|startoftext|>", "<s>", "<|begin_of_text|>", "<bos>", "[CLS]")
 EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]")
@@ -177,6 +179,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    if (reached := tok.get_vocab_size(with_added_tokens=True)) < vocab_size:
+        log.warning(
+            "BPE: asked for %d tokens, the text allowed %d (no pair left to merge); the corpus and the "
+            "model use %d (more or more varied text reaches more)",
+            vocab_size,
+            reached,
+            reached,
+        )
     return HFTokenizer(
         tok, spec=f"bpe:{vocab_size}", bos=BPE_SPECIALS[0], eos=BPE_SPECIALS[1], pad=BPE_SPECIALS[2]
     )

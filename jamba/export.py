@@ -18,6 +18,7 @@ New checkpoint formats (e.g. reading ZeRO-sharded optimizer/model states directl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -157,6 +158,20 @@ def _load_checkpoint(path: str | Path) -> tuple[JambaConfig, dict[str, torch.Ten
     return cfg, _read_state_file(_state_file_in(path))
 
 
+def trained_corpus(checkpoint: str | Path) -> str | None:
+    """The corpus a trainer checkpoint (DeepSpeed folder) was trained on, from its trainer_state.json:
+    data.path, or a mixture's first corpus (relative paths: to the CWD, as in training). None if unknown."""
+    path = Path(checkpoint)
+    if not (path / "latest").is_file():
+        return None
+    try:
+        state = json.loads((path / (path / "latest").read_text().strip() / "trainer_state.json").read_text())
+        data = state["config"]["data"]
+        return str(data["mixture"][0]["path"] if data.get("mixture") else data["path"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 # ---- converting -------------------------------------------------------------------------------------
 def export(
     checkpoint: str | Path,
@@ -164,14 +179,34 @@ def export(
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     expert_layout: str = "per_expert",
+    corpus: str | Path | None = None,
 ) -> list[str]:
     """Checkpoint -> transformers folder; returns the files written. Validates every tensor's name and
-    shape against the config before writing anything (no model is built: any size converts)."""
+    shape against the config before writing anything (no model is built: any size converts).
+
+    `corpus` (default: the one a trainer checkpoint names) adds its tokenizer files, and config.json
+    takes its bos/eos/pad ids; without a corpus found, only the weights are written (with a warning)."""
     cfg, sd = _load_checkpoint(checkpoint)
     sd = check_state_dict(expected_shapes(cfg), sd, cfg.tie_word_embeddings)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    return save_hf_checkpoint(cfg, sd, output_dir, expert_layout=expert_layout, max_shard_size=max_shard_size)
+    corpus = corpus if corpus is not None else trained_corpus(checkpoint)
+    if corpus is not None and not (Path(corpus) / "manifest.json").is_file():
+        raise CheckpointError(f"corpus {corpus}: no manifest.json (pass --corpus with the prepared corpus)")
+    if corpus is None:
+        print("jamba.export: warning: no corpus known: no tokenizer written (pass --corpus)", file=sys.stderr)
+        return save_hf_checkpoint(
+            cfg, sd, output_dir, expert_layout=expert_layout, max_shard_size=max_shard_size
+        )
+    from data.tokenizer_export import TOKENIZER_FILES, write_tokenizer  # the corpus's files, via data/
+
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    ids = write_tokenizer(corpus, output_dir)
+    cfg = dataclasses.replace(cfg, **ids)
+    written = save_hf_checkpoint(
+        cfg, sd, output_dir, expert_layout=expert_layout, max_shard_size=max_shard_size
+    )
+    return [*written, *TOKENIZER_FILES]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="per_expert (default): experts.{e}.{gate,up,down}_proj.weight as transformers' "
         "save_pretrained writes; fused: experts.gate_up_proj / experts.down_proj tensors",
     )
+    p.add_argument(
+        "--corpus",
+        help="prepared corpus whose tokenizer to include (default: the data.path a trainer checkpoint names)",
+    )
     p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     return p
 
@@ -224,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=DTYPES[args.dtype],
             max_shard_size=args.max_shard_size,
             expert_layout=args.expert_layout,
+            corpus=args.corpus,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"jamba.export: error: {err}", file=sys.stderr)

@@ -54,6 +54,17 @@ def test_corrupt_tar_header_without_checksums(corpus):
         read_all_train(corpus, verify_checksums=False)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_token_ids_outside_the_vocabulary_without_checksums(corpus, workers):
+    """Random bytes in a document's tokens (npy payload after the 512-byte tar and 128-byte npy headers)."""
+    shard = first_shard(corpus)
+    data = bytearray(shard.read_bytes())
+    data[512 + 128 : 512 + 128 + 8] = b"\x38\xff" * 4  # uint16 id 65336, vocabulary 259
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"{shard.name}: token id 65336 is outside the vocabulary of 259"):
+        read_all_train(corpus, verify_checksums=False, num_workers=workers)
+
+
 def test_truncated_shard(corpus):
     shard = first_shard(corpus)
     shard.write_bytes(shard.read_bytes()[:1000])

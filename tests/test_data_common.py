@@ -13,12 +13,13 @@ from data.prepare import prepare
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
 
 
-def write_corpus(root: Path, n_docs: int = 48, seed: int = 0) -> Path:
-    """Text files of varied length; every document starts with a unique tag so it can be recognised."""
+def write_corpus(root: Path, n_docs: int = 48, seed: int = 0, length: tuple[int, int] = (5, 80)) -> Path:
+    """Text files of varied length (`length`: words per document); every document starts with a unique tag so it
+    can be recognised."""
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n_docs):
-        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 80)))
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*length)))
         (root / f"doc{i:03d}.txt").write_text(f"<{i}> {words}\n")
     return root
 

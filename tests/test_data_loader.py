@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import numpy as np
@@ -13,6 +14,7 @@ from data import DataError, TokenLoader
 from data.manifest import ShardInfo, load_manifest
 from data.order import StreamPlan, permutation
 from data.shards import read_shard
+from data.stream import TokenStream
 from data.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.timeout(60)
@@ -39,11 +41,12 @@ def test_batches_are_packed_next_token_pairs(corpus):
 
 
 def test_one_epoch_covers_every_document_once(corpus):
-    """Single stream: windows overlap by one token, so they rebuild the packed stream of epoch 0."""
+    """Single unshuffled stream: windows overlap by one token, so they rebuild the packed stream of epoch 0."""
     man = load_manifest(corpus)
     epoch_tokens = sum(s.stream_tokens for s in man.shards("train"))
     T = 16
-    batches = take(TokenLoader(cfg(corpus, seq_len=T, micro_batch_size=1)), -(-(epoch_tokens - 1) // T))
+    loader = TokenLoader(cfg(corpus, seq_len=T, micro_batch_size=1, shuffle=False, num_streams=1))
+    batches = take(loader, -(-(epoch_tokens - 1) // T))
     stream = np.array(batches[0][0][0][:1] + [t for _, y in batches for t in y[0]])[:epoch_tokens]
     assert stream[-1] == 257  # the epoch ends with a document's EOS
     got = Counter(tuple(d) for d in np.split(stream, np.where(stream == 257)[0] + 1) if len(d))
@@ -52,6 +55,36 @@ def test_one_epoch_covers_every_document_once(corpus):
         for d in read_shard(f"{corpus}/{s.name}", s, man.dtype):
             want[tuple(d.tolist()) + (257,)] += 1
     assert got == want and sum(want.values()) == sum(s.documents for s in man.shards("train"))
+
+
+class GridOrder(StreamPlan):
+    """The shuffled plan's shard and document order, but every visit's windows in grid order."""
+
+    def window_order(self, epoch: int, shard: int, count: int) -> np.ndarray:
+        return np.arange(count)
+
+
+def test_shuffled_windows_of_an_epoch_are_the_packed_windows_permuted(corpus):
+    man = load_manifest(corpus)
+    shards = man.shards("train")
+    T = 16
+    n = -(-sum(s.stream_tokens for s in shards) // T)  # the grid points of epoch 0
+    got = [
+        tuple(x[0]) + (y[0][-1],)
+        for x, y in take(TokenLoader(cfg(corpus, seq_len=T, micro_batch_size=1, num_streams=1)), n)
+    ]
+    grid = TokenStream(
+        GridOrder(shards, 1, seed=1234),
+        0,
+        0,
+        lambda i: read_shard(f"{corpus}/{shards[i].name}", shards[i], man.dtype),
+        257,
+        man.dtype,
+    )
+    want = [tuple(grid.take(T).tolist()) for _ in range(n)]
+    assert Counter(got) == Counter(want) and got != want
+    adjacent = sum(a[-1:] == b[:1] and a[1:] != b[:-1] for a, b in itertools.pairwise(got))
+    assert adjacent < n // 4  # consecutive reads are not consecutive windows
 
 
 def test_deterministic_and_seeded(corpus):
@@ -121,7 +154,7 @@ def test_val_is_one_equal_pass_per_rank(corpus):
 def test_bad_arguments(corpus):
     with pytest.raises(ValueError, match="rank"):
         TokenLoader(cfg(corpus), rank=2, world_size=2)
-    with pytest.raises(ValueError, match="exceed the .* train shards"):
+    with pytest.raises(ValueError, match="only .* train shard"):
         TokenLoader(cfg(corpus, num_workers=8), world_size=64)
     with pytest.raises(ValueError, match="split"):
         TokenLoader(cfg(corpus), split="test")

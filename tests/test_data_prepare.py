@@ -156,3 +156,21 @@ def test_output_without_manifest_is_not_clobbered(tmp_path):
     with pytest.raises(DataError, match="holds no manifest.json"):
         prepare([str(src)], str(tmp_path / "out"), workers=1, progress=False)
     assert (tmp_path / "out" / "precious.txt").exists()
+
+
+def test_shard_size_is_fitted_to_a_small_input(tmp_path, caplog):
+    """~1.2 MB of text with the defaults: >= 16 train shards, so 2 ranks x 4 workers can read it."""
+    src = write_corpus(tmp_path / "src", n_docs=600, length=(200, 400))
+    man = prepare([str(src)], str(tmp_path / "out"), progress=False)
+    assert len(man["splits"]["train"]["shards"]) >= 16
+    assert 64 << 10 <= man["source"]["shard_bytes"] < 1 << 20
+    loader = TokenLoader(cfg(str(tmp_path / "out"), num_workers=4), rank=1, world_size=2)
+    assert loader.state_dict()["num_streams"] == 8  # chosen from the shards there are
+    tiny = write_corpus(tmp_path / "tiny", n_docs=4)  # too small to split: a warning that says what to do
+    with caplog.at_level("WARNING", logger="data.prepare"):
+        prepare([str(tiny)], str(tmp_path / "tiny-out"), progress=False, val_fraction=0)
+    assert "only 1 train shards" in caplog.text and "--shard-size-mb" in caplog.text
+    with pytest.raises(
+        ValueError, match=r"2 \(rank, worker\) slots, but .* only 1 train shard.*--shard-size-mb"
+    ):
+        TokenLoader(cfg(str(tmp_path / "tiny-out")), rank=0, world_size=2)

@@ -109,12 +109,15 @@ def test_world_size_change_neither_repeats_nor_skips(corpus, before, after):
 
 
 def test_seq_len_change_continues_at_the_token_offset(corpus):
-    first = TokenLoader(cfg(corpus, seq_len=16, micro_batch_size=1, num_streams=1))
+    """Unshuffled, a stream is read in token order, so a new seq_len continues at the exact token."""
+    first = TokenLoader(cfg(corpus, seq_len=16, micro_batch_size=1, num_streams=1, shuffle=False))
     take_and_keep(first, 5)
-    second = TokenLoader(cfg(corpus, seq_len=40, micro_batch_size=1, num_streams=1))
+    second = TokenLoader(cfg(corpus, seq_len=40, micro_batch_size=1, num_streams=1, shuffle=False))
     second.load_state_dict(first.state_dict())
     x, y = take(second, 1)[0]
-    whole = take(TokenLoader(cfg(corpus, seq_len=200, micro_batch_size=1, num_streams=1)), 1)[0]
+    whole = take(TokenLoader(cfg(corpus, seq_len=200, micro_batch_size=1, num_streams=1, shuffle=False)), 1)[
+        0
+    ]
     assert x[0] == whole[0][0][80:120] and y[0] == whole[1][0][80:120]
 
 

@@ -5,6 +5,7 @@ Order (the trainer follows it): data -> model from jamba/ -> spread by parallel/
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -23,11 +24,13 @@ from .metrics import ConsoleSink, JsonlSink, Metrics, WandbSink
 from .optim import SkippableAdamW, build_optimizer
 
 log = logging.getLogger("train.build")
+VOCAB_MULTIPLE = 64  # GEMM-friendly embedding and LM-head shapes
 
 
 def build_data(dcfg: DataConfig, dist: Dist) -> tuple[TokenLoader, TokenLoader | None]:
     """This rank's train stream and validation split (None, with a warning, when the corpus has none)."""
-    if os.path.normpath(dcfg.path) == os.path.normpath(DataConfig().path):  # the built-in corpus
+    paths = [e.path for e in dcfg.mixture] or [dcfg.path]
+    if os.path.normpath(DataConfig().path) in map(os.path.normpath, paths):  # the built-in corpus
         if dist.is_main:
             ensure_builtin_corpus(dcfg.path)  # prepared once, on first use
         barrier()
@@ -43,12 +46,35 @@ def build_data(dcfg: DataConfig, dist: Dist) -> tuple[TokenLoader, TokenLoader |
     return train, val
 
 
-def build_model(cfg: Config, data_vocab_size: int) -> tuple[JambaConfig, JambaForCausalLM]:
-    model_cfg = build_model_config(cfg.model, cfg.parallel.activation_checkpointing)
+def padded_vocab_size(data_vocab_size: int) -> int:
+    """The corpus's vocabulary rounded up to a multiple of VOCAB_MULTIPLE (the extra ids are never targets:
+    the loader checks every token id against the corpus's vocabulary)."""
+    return -(-data_vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def build_model(
+    cfg: Config, data_vocab_size: int, token_ids: dict[str, int] | None = None
+) -> tuple[JambaConfig, JambaForCausalLM]:
+    """model.vocab_size unset: the corpus's vocabulary, padded; set: as given, and it must hold the data.
+    model.bos/eos/pad_token_id unset: the corpus's (`token_ids`), so checkpoints and exports carry them."""
+    model = cfg.model
+    unset = {k: v for k, v in (token_ids or {}).items() if getattr(model, k) is None}
+    if unset:
+        model = dataclasses.replace(model, **unset)
+    if model.vocab_size is None:
+        model = dataclasses.replace(model, vocab_size=padded_vocab_size(data_vocab_size))
+        log.info(
+            "model.vocab_size=%d: the %d ids of %s, padded to a multiple of %d",
+            model.vocab_size,
+            data_vocab_size,
+            cfg.data.path,
+            VOCAB_MULTIPLE,
+        )
+    model_cfg = build_model_config(model, cfg.parallel.activation_checkpointing)
     if model_cfg.vocab_size < data_vocab_size:
         raise ConfigError(
-            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-            f"{data_vocab_size} ids of {cfg.data.path}; set model.vocab_size={data_vocab_size} or more"
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the {data_vocab_size} token ids of "
+            f"{cfg.data.path}; set model.vocab_size={padded_vocab_size(data_vocab_size)} or leave it unset"
         )
     return model_cfg, JambaForCausalLM(model_cfg, seed=cfg.trainer.seed)
 

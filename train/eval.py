@@ -48,7 +48,9 @@ def run_data_path(state: dict, given: str | None) -> str:
     choose what runs here."""
     if given:
         return given
-    path = state.get("config", {}).get("data", {}).get("path")
+    data = state.get("config", {}).get("data", {})
+    mixture = data.get("mixture") or []  # a mixture run validates on its first corpus
+    path = mixture[0].get("path") if mixture and isinstance(mixture[0], dict) else data.get("path")
     if not isinstance(path, str) or not path:
         raise CheckpointError("the checkpoint names no data.path; give --data")
     if not is_local(path) or path.startswith("file:"):
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m train.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("checkpoint")
-    p.add_argument("--data", help="prepared corpus (default: the run's data.path)")
+    p.add_argument("--data", help="prepared corpus (default: the run's data.path, or its mixture's first)")
     p.add_argument("--split", default="val", choices=("val", "train"))
     p.add_argument("--seq-len", type=int, help="default: the run's data.seq_len")
     p.add_argument("--micro-batch-size", type=int, default=8)

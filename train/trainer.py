@@ -48,7 +48,9 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir).absolute()
         torch.manual_seed(cfg.trainer.seed + dist.rank)
         self.train_data, self.val_data = build_data(cfg.data, dist)
-        self.model_cfg, model = build_model(cfg, self.train_data.vocab_size)
+        td = self.train_data
+        ids = {"bos_token_id": td.bos_id, "eos_token_id": td.eos_id, "pad_token_id": td.pad_id}
+        self.model_cfg, model = build_model(cfg, td.vocab_size, ids)
         self.param_shapes = {n: list(p.shape) for n, p in model.named_parameters()}
         self.moe_layers = [i for i, moe in enumerate(self.model_cfg.layers_is_moe) if moe]
         self.precision = resolve_precision(cfg.parallel.precision, dist.device)
@@ -356,6 +358,7 @@ class Trainer:
                         **memory_gb(self.dist.device),
                     }
                 )
+                m.update({f"data/tokens/{k}": v for k, v in self.train_data.tokens_per_corpus().items()})
                 flops = tps * self.flops_per_token / self.dist.world_size  # model FLOP/s per device
                 m["perf/tflops_per_device"] = flops / 1e12
                 if self.peak_flops:
