@@ -21,6 +21,7 @@ from .order import StreamPlan
 from .shards import read_shard
 from .state import VERSION, Layout, LoaderState
 from .stream import TokenStream
+from .synthetic import AnswerTargets, answer_targets
 
 __all__ = ["TokenLoader", "ensure_builtin_corpus"]  # the latter re-exported for the training loop
 log = logging.getLogger("data.loader")
@@ -38,17 +39,24 @@ class _ShardSource:
         return read_shard(location(self.path, s.name), s, self.dtype, self.verify)
 
 
-def _to_batch(rows: np.ndarray) -> Batch:
-    t = torch.from_numpy(rows)
-    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+def _to_batch(rows: np.ndarray, targets: AnswerTargets | None = None) -> Batch:
+    """Labels are the inputs shifted by one; a corpus with a label rule (MQAR: answers only) masks the
+    rest with -100."""
+    x, y = rows[:, :-1], rows[:, 1:]
+    if targets is not None:
+        y = targets(x, y)
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
 
 class _SlotBatches(IterableDataset):
     """The micro-batches of one rank; inside DataLoader worker i it serves slot (i + n0) mod workers,
     so a fresh DataLoader continues the rank's batch sequence exactly where the state says."""
 
-    def __init__(self, state: LoaderState, rank: int, source: _ShardSource, eos_id: int) -> None:
+    def __init__(
+        self, state: LoaderState, rank: int, source: _ShardSource, eos_id: int, targets: AnswerTargets | None
+    ) -> None:
         self.state, self.rank, self.source, self.eos_id = state, rank, source, eos_id
+        self.targets = targets
 
     def __iter__(self) -> Iterator[Batch]:
         st, lay = self.state, self.state.layout
@@ -67,7 +75,7 @@ class _SlotBatches(IterableDataset):
             for b in range(B):
                 rows[b] = cursors[pick].take(T)
                 pick = (pick + 1) % len(cursors)
-            yield _to_batch(rows)
+            yield _to_batch(rows, self.targets)
 
 
 class TokenLoader:
@@ -88,6 +96,7 @@ class TokenLoader:
                 f"(prepare with a larger --val-fraction or more input)"
             )
         check_local_shards(cfg.path, self.shards)
+        self.targets = answer_targets(self.manifest.tokenizer, cfg.seq_len)  # None: every token a target
         self._source = _ShardSource(cfg.path, self.shards, self.manifest.dtype, cfg.verify_checksums)
         self.layout = Layout(world_size, cfg.num_workers, cfg.micro_batch_size, cfg.seq_len)
         self._generation = 0
@@ -143,7 +152,7 @@ class TokenLoader:
     def _iter_train(self) -> Iterator[Batch]:
         gen, st = self._generation, self._state
         snapshot = LoaderState.from_dict(st.to_dict())
-        dataset = _SlotBatches(snapshot, self.rank, self._source, self.eos_id)
+        dataset = _SlotBatches(snapshot, self.rank, self._source, self.eos_id, self.targets)
         if self.cfg.num_workers == 0:
             batches = iter(dataset)
         else:
@@ -172,7 +181,7 @@ class TokenLoader:
             rows = np.empty((B, T + 1), dtype=np.int64)
             for b in range(B):
                 rows[b] = stream.take(T)
-            yield _to_batch(rows)
+            yield _to_batch(rows, self.targets)
 
     def _count_val_batches(self) -> int:
         B, T, W = self.cfg.micro_batch_size, self.cfg.seq_len, self.world_size
