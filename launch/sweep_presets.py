@@ -18,7 +18,7 @@ RATIOS = ["attn", "1:3", "1:7", "mamba"]
 
 @dataclass(frozen=True)
 class SweepPreset:
-    defaults: dict  # launch.sweep flags (dest names): preset, steps, ratios, moe, axis, experiment, name
+    defaults: dict  # launch.sweep flags (dest names): preset, steps, ratios, moe, axis, experiment, name, ...
     overrides: list[str] = field(default_factory=list)  # Hydra overrides for every run
     prepare: list[str] = field(default_factory=list)  # python -m data.prepare arguments, run first
 
@@ -53,6 +53,7 @@ SWEEPS: dict[str, SweepPreset] = {
             moe=[False],
             axis=["optim.lr=5e-4,2e-3,8e-3"],
             experiment="",
+            timeout=45,  # seconds a run (start-up included): 12 runs end inside 10 minutes; rerun resumes
         ),
         overrides=[
             *_MQAR_DATA,
@@ -92,7 +93,14 @@ SWEEPS: dict[str, SweepPreset] = {
     ),
     "lm-gpu": SweepPreset(
         defaults=dict(
-            name="lm-gpu", preset="lm-100m", steps=1000, ratios=RATIOS, moe=[False], axis=[], experiment=""
+            name="lm-gpu",
+            preset="lm-100m",
+            steps=1000,
+            ratios=RATIOS,
+            moe=[False],
+            axis=[],
+            experiment="",
+            timeout=140,  # 4 runs end inside 10 minutes; a stopped run resumes on the rerun
         ),
         overrides=[
             "data.seq_len=1024",

@@ -57,6 +57,12 @@ def test_lm_gpu_layouts_are_about_100m_parameters(tmp_path):
         assert cfg.data.seq_len == 1024 and cfg.parallel.compile == "none"
 
 
+def test_gpu_sweeps_fit_one_10_minute_command():
+    """Each run is stopped at the preset's timeout (start-up included), so a sweep ends inside 10 minutes."""
+    assert SWEEPS["mqar"].defaults["timeout"] * 4 * 3 < 570  # 4 layouts x 3 lrs, + preparing the corpus
+    assert SWEEPS["lm-gpu"].defaults["timeout"] * 4 < 590
+
+
 def test_flags_and_overrides_win_over_the_preset(tmp_path):
     plan = _plan(tmp_path, "--sweep", "mqar", "--steps", "7", "--ratios", "attn", "--", "optim.lr=1e-4")
     assert plan["steps"] == 7 and len(plan["variants"]) == 3
