@@ -43,6 +43,7 @@ from .hostfile import Host
 from .sweep_presets import SWEEPS
 
 RATIOS = ("attn", "1:3", "1:7", "mamba")
+TIMED_OUT = 124  # a run's result when --timeout stopped it (as timeout(1) exits)
 # Keys the sweep sets for each run; an extra override of one of them would silently break the comparison.
 OWNED = (
     "model",
@@ -233,13 +234,20 @@ def run_local(
                 rc = p.wait(timeout)
             except subprocess.TimeoutExpired:
                 _terminate(p)  # train saves a checkpoint and stops: the next invocation resumes it
-                rc = p.wait()
+                p.wait()
+                rc = TIMED_OUT
             except KeyboardInterrupt:
                 _terminate(p)
                 p.wait()
                 raise
         results[v.name] = rc
-        status = "ok" if rc == 0 else f"FAILED (exit {rc}; see {v.run_dir / 'console.log'})"
+        status = (
+            "ok"
+            if rc == 0
+            else f"stopped at --timeout {timeout:g}s (the same command resumes it)"
+            if rc == TIMED_OUT
+            else f"FAILED (exit {rc}; see {v.run_dir / 'console.log'})"
+        )
         print(f"[{i}/{len(variants)}] {v.name}: {status} in {time.monotonic() - t0:.0f}s", flush=True)
     return results
 

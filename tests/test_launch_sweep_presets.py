@@ -2,6 +2,7 @@
 corpus the runs read is the one the preset prepares), and that command-line flags still win."""
 
 import json
+import sys
 
 from data.synthetic import MQARSpec
 from jamba.counting import count_params
@@ -70,3 +71,12 @@ def test_flags_and_overrides_win_over_the_preset(tmp_path):
     assert all(_value(v["overrides"], "optim.lr") in ("5e-4", "2e-3", "8e-3") for v in plan["variants"])
     more = _plan(tmp_path / "b", "--sweep", "mqar", "--ratios", "attn", "--axis", "model.use_rope=false,true")
     assert len(more["variants"]) == 6  # --axis adds an axis to the preset's
+
+
+def test_a_run_stopped_at_the_timeout_is_reported_as_stopped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(
+        sweep, "local_command", lambda nproc, o: [sys.executable, "-c", "import time; time.sleep(30)"]
+    )
+    v = sweep.Variant("attn-dense", "attn", False, "****", [], tmp_path / "attn-dense")
+    assert sweep.run_local([v], 1, False, timeout=0.5) == {"attn-dense": sweep.TIMED_OUT}
+    assert "stopped at --timeout 0.5s (the same command resumes it)" in capsys.readouterr().out
