@@ -53,7 +53,7 @@ SWEEPS: dict[str, SweepPreset] = {
             moe=[False],
             axis=["optim.lr=5e-4,2e-3,8e-3"],
             experiment="",
-            timeout=45,  # seconds a run (start-up included): 12 runs end inside 10 minutes; rerun resumes
+            timeout=40,  # seconds a run (start-up included): 12 runs end inside 10 minutes; rerun resumes
         ),
         overrides=[
             *_MQAR_DATA,
