@@ -23,6 +23,7 @@ from .order import StreamPlan
 from .shards import read_shard
 from .state import VERSION, Layout, LoaderState, check_offsets
 from .stream import TokenStream
+from .synthetic import AnswerTargets, answer_targets
 
 __all__ = ["TokenLoader", "ensure_builtin_corpus"]  # the latter re-exported for the training loop
 log = logging.getLogger("data.loader")
@@ -51,9 +52,13 @@ class _ShardSource:
         return docs
 
 
-def _to_batch(rows: np.ndarray) -> Batch:
-    t = torch.from_numpy(rows)
-    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+def _to_batch(rows: np.ndarray, targets: AnswerTargets | None = None) -> Batch:
+    """Labels are the inputs shifted by one; a corpus with a label rule (MQAR: answers only) masks the
+    rest with -100."""
+    x, y = rows[:, :-1], rows[:, 1:]
+    if targets is not None:
+        y = targets(x, y)
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
 
 class _SlotBatches(IterableDataset):
@@ -62,9 +67,15 @@ class _SlotBatches(IterableDataset):
     reads the corpus the mixture's row schedule names (one corpus: always it)."""
 
     def __init__(
-        self, states: list[LoaderState], rank: int, sources: list[_ShardSource], eos_id: int
+        self,
+        states: list[LoaderState],
+        rank: int,
+        sources: list[_ShardSource],
+        eos_id: int,
+        targets: AnswerTargets | None,
     ) -> None:
         self.states, self.rank, self.sources, self.eos_id = states, rank, sources, eos_id
+        self.targets = targets
 
     def __iter__(self) -> Iterator[Batch]:
         lay, n = self.states[0].layout, self.states[0].batches
@@ -91,7 +102,7 @@ class _SlotBatches(IterableDataset):
                 rows[b] = cursors[c][picks[c]].take(T)
                 picks[c] = (picks[c] + 1) % len(cursors[c])
                 t += 1
-            yield _to_batch(rows)
+            yield _to_batch(rows, self.targets)
 
 
 class TokenLoader:
@@ -117,6 +128,7 @@ class TokenLoader:
                 f"{self.path} holds a corpus with manifest fingerprint {self.manifest.fingerprint!r}, not the "
                 f"one data.expect_fingerprint pins: the corpus was replaced or is another one"
             )
+        self.targets = answer_targets(self.manifest.tokenizer, cfg.seq_len)  # None: every token a target
         self.layout = Layout(world_size, cfg.num_workers, cfg.micro_batch_size, cfg.seq_len)
         self._generation = 0
         self._sources = []
@@ -210,7 +222,7 @@ class TokenLoader:
     def _iter_train(self) -> Iterator[Batch]:
         gen, states = self._generation, self._states
         snapshot = [LoaderState.from_dict(st.to_dict()) for st in states]
-        dataset = _SlotBatches(snapshot, self.rank, self._sources, self.eos_id)
+        dataset = _SlotBatches(snapshot, self.rank, self._sources, self.eos_id, self.targets)
         if self.cfg.num_workers == 0:
             batches = iter(dataset)
         else:
@@ -240,7 +252,7 @@ class TokenLoader:
             rows = np.empty((B, T + 1), dtype=np.int64)
             for b in range(B):
                 rows[b] = stream.take(T)
-            yield _to_batch(rows)
+            yield _to_batch(rows, self.targets)
 
     def _count_val_batches(self) -> int:
         B, T, W = self.cfg.micro_batch_size, self.cfg.seq_len, self.world_size

@@ -1,8 +1,10 @@
 """`python -m data.prepare`: text files -> tokenized webdataset shards + manifest (train and val splits).
 
 With no inputs it prepares the built-in corpus (this interpreter's standard-library sources) into
-data_cache/stdlib with the byte tokenizer, so training needs no download. Output appears atomically:
-everything is written to `<output>.partial-<pid>` and renamed once the manifest is complete.
+data_cache/stdlib with the byte tokenizer, so training needs no download. `--synthetic mqar` generates
+a recall corpus instead (data/synthetic.py; `python -m data.prepare --synthetic mqar --help`).
+Output appears atomically: everything is written to `<output>.partial-<pid>` and renamed once the
+manifest is complete.
 """
 
 from __future__ import annotations
@@ -265,6 +267,11 @@ def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(x == "--synthetic" or x.startswith("--synthetic=") for x in argv):
+        from .synthetic import main as synthetic_main  # a generated corpus: its own options
+
+        return synthetic_main(argv)
     p = argparse.ArgumentParser(
         prog="python -m data.prepare",
         description=__doc__,
@@ -293,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("bos", "eos", "pad"):
         p.add_argument(f"--{name}-token", help=f"{name.upper()} token of a tokenizer.json (auto-detected)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--synthetic", choices=["mqar"], help="generate a corpus instead (see --synthetic mqar --help)"
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -1,9 +1,15 @@
 """Results of a sweep: `python -m launch.report runs/sweep-NAME [-o report.md] [--plot loss.png]`.
 
 Reads each run's metrics.jsonl (or, without one, its offline W&B files), its newest checkpoint's
-model_config.json (parameter counts) and scores that checkpoint with the associative-recall probe
-(launch/probe.py; cached in <run>/probe.json). Writes a Markdown table and a PNG of the loss curves.
-A record logged twice for one step (a resumed or rolled-back run) counts once: the last one wins.
+model_config.json (parameter counts) and scores that checkpoint for recall: a run trained on an MQAR
+corpus on that corpus's val split (launch/recall.py, cached in <run>/recall.json), any other with the
+associative-recall probe (launch/probe.py, cached in <run>/probe.json). Writes a Markdown table and a
+PNG. A record logged twice for one step (a resumed or rolled-back run) counts once: the last one wins.
+
+When the sweep has an axis (e.g. an lr sweep: --axis optim.lr=...), runs of one layout are a group and
+the report first lists the best run of each group (lowest final val loss) with its axis value, then
+every run; the plot shows the best runs. The plot's curves are the logged points (train loss: the same
+trailing mean over the last 10% of steps as the table, so each curve ends on its table value).
 """
 
 from __future__ import annotations
@@ -32,7 +38,10 @@ class RunResult:
     params: dict = field(default_factory=dict)  # count_params: total, active, ...
     max_steps: int | None = None
     checkpoint: Path | None = None
-    probe: dict | None = None
+    probe: dict | None = None  # {"K=n": {"acc": ...}, "chance": ..., "eval": "mqar" | absent (the probe)}
+    group: str = ""  # runs of one layout (sweep.json's ratio and MoE); the name when there is no sweep.json
+    overrides: list[str] = field(default_factory=list)
+    axis: dict = field(default_factory=dict)  # what sets this run apart within its group, e.g. {"lr": "1e-3"}
 
     @property
     def final_step(self) -> int:
@@ -40,11 +49,25 @@ class RunResult:
 
     def train_loss(self, tail: float = 0.1) -> float:
         """Mean train loss over the last `tail` of the logged steps: one record is noisy at a small batch."""
-        if not self.train:
-            return math.nan
-        cut = self.final_step * (1 - tail)
-        vals = [r["train/loss"] for r in self.train if r["step"] >= cut]
-        return sum(vals) / len(vals)
+        curve = self.train_curve(tail)
+        return curve[-1] if curve else math.nan
+
+    def train_curve(self, tail: float = 0.1) -> list[float]:
+        """At each logged step s, the mean of the records in (s - tail * final_step, s]: the table's
+        train loss is the last point, so the plotted curve ends exactly on it."""
+        width = self.final_step * tail
+        steps = [r["step"] for r in self.train]
+        out, lo = [], 0
+        for i, s in enumerate(steps):
+            while steps[lo] < s - width:
+                lo += 1
+            window = [r["train/loss"] for r in self.train[lo : i + 1]]
+            out.append(sum(window) / len(window))
+        return out
+
+    @property
+    def val_loss(self) -> float:
+        return self.val[-1]["val/loss"] if self.val else math.nan
 
     def tokens_per_s(self) -> float:
         """Median over the logged records after the first (which includes start-up)."""
@@ -99,39 +122,100 @@ def load_run(run_dir: Path, name: str | None = None) -> RunResult:
 
 
 def probe_run(res: RunResult, cfg: ProbeConfig, device: str = "cpu", data: str | None = None) -> dict | None:
-    """The probe's scores on the run's newest checkpoint, from <run>/probe.json when it scored that step
-    with the same settings."""
+    """Recall of the run's newest checkpoint: on its MQAR corpus when it trained on one (<run>/recall.json),
+    else the probe's prompts (<run>/probe.json); a cache is used when it scored that step the same way.
+    `data`: the corpus to read (a checkpoint's own data.path is used only if it is a local directory)."""
     if res.checkpoint is None:
         return None
-    from .probe import probe_checkpoint
+    from .recall import is_mqar_run
 
-    cache = res.run_dir / "probe.json"
-    key = {"checkpoint": res.checkpoint.name, "config": repr(cfg)}
+    mqar = is_mqar_run(res.checkpoint, data)
+    cache = res.run_dir / ("recall.json" if mqar else "probe.json")
+    key = {"checkpoint": res.checkpoint.name, "config": "mqar-val" if mqar else repr(cfg)}
     if cache.is_file():
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
             return cached["result"]
-    result = probe_checkpoint(res.checkpoint, cfg, device, data)
+    if mqar:
+        from .recall import recall_checkpoint
+
+        result = recall_checkpoint(res.checkpoint, data, device=device)
+    else:
+        from .probe import probe_checkpoint
+
+        result = probe_checkpoint(res.checkpoint, cfg, device, data)
     cache.write_text(json.dumps({"key": key, "result": result}, indent=1))
     return result
 
 
+def read_sweep(sweep_dir: Path) -> dict:
+    """sweep.json (the plan launch.sweep wrote), or {} for a plain directory of runs."""
+    manifest = sweep_dir / "sweep.json"
+    return json.loads(manifest.read_text()) if manifest.is_file() else {}
+
+
 def find_runs(sweep_dir: Path) -> list[tuple[str, Path]]:
     """Runs in the sweep manifest's order (sweep.json), else every subdirectory holding metrics or W&B files."""
-    manifest = sweep_dir / "sweep.json"
-    if manifest.is_file():
-        names = [v["name"] for v in json.loads(manifest.read_text())["variants"]]
+    if variants := read_sweep(sweep_dir).get("variants"):
+        names = [v["name"] for v in variants]
         for (
             n
         ) in names:  # a run directory inside the sweep, never a path elsewhere (probe.json is written there)
             if not (isinstance(n, str) and NAME.fullmatch(n)) or n in (".", ".."):
-                raise ValueError(f"{manifest}: variant name {str(n)[:100]!r} is not a plain directory name")
+                raise ValueError(
+                    f"{sweep_dir / 'sweep.json'}: variant name {str(n)[:100]!r} is not a plain directory name"
+                )
         return [(n, sweep_dir / n) for n in names if (sweep_dir / n).is_dir()]
     return [
         (p.name, p)
         for p in sorted(sweep_dir.iterdir())
         if p.is_dir() and ((p / "metrics.jsonl").is_file() or (p / "wandb").is_dir())
     ]
+
+
+# Overrides that differ between every run of a sweep by construction, never an axis.
+_PER_RUN = ("run_name", "run_dir", "logging.wandb.tags")
+
+
+def assign_groups(results: list[RunResult], sweep: dict) -> None:
+    """Group runs by layout (sweep.json's ratio + MoE) and record each run's axis values: the overrides
+    that differ between the runs of its group (e.g. optim.lr), by their last key part."""
+    plan = {v["name"]: v for v in sweep.get("variants", [])}
+    for r in results:
+        v = plan.get(r.name)
+        r.group = f"{v['ratio'].replace(':', 'to')}-{'moe' if v['moe'] else 'dense'}" if v else r.name
+        r.overrides = list(v["overrides"]) if v else []
+    for g in dict.fromkeys(r.group for r in results):
+        members = [r for r in results if r.group == g]
+        values: dict[str, set] = {}
+        for r in members:
+            for o in r.overrides:
+                k, _, val = o.partition("=")
+                if k not in _PER_RUN:
+                    values.setdefault(k, set()).add(val)
+        varying = [k for k, vs in values.items() if len(vs) > 1 or len(members) > 1 and _missing(members, k)]
+        for r in members:
+            own = dict(o.partition("=")[::2] for o in r.overrides)
+            r.axis = {k.rsplit(".", 1)[-1]: own.get(k, "–") for k in varying}
+
+
+def _missing(members: list[RunResult], key: str) -> bool:
+    return any(not any(o.startswith(key + "=") for o in r.overrides) for r in members)
+
+
+def best_runs(results: list[RunResult]) -> list[RunResult]:
+    """The run with the lowest final val loss in each group (groups in first-seen order); a group whose
+    runs logged no val loss keeps its first run."""
+    best = []
+    for g in dict.fromkeys(r.group for r in results):
+        members = [r for r in results if r.group == g]
+        scored = [r for r in members if not math.isnan(r.val_loss)]
+        best.append(min(scored, key=lambda r: r.val_loss) if scored else members[0])
+    return best
+
+
+def has_axis(results: list[RunResult]) -> bool:
+    return any(r.axis for r in results)
 
 
 # ---- writing ------------------------------------------------------------------------------------------
@@ -143,12 +227,49 @@ def _millions(n: int | None) -> str:
     return "–" if not n else f"{n / 1e6:.2f}M"
 
 
+def recall_keys(results: list[RunResult]) -> list[str]:
+    """The K=n columns any run was scored on, by n."""
+    ks = {k for r in results for k in (r.probe or {}) if k.startswith("K=")}
+    return sorted(ks, key=lambda k: int(k[2:]))
+
+
+def _steps(r: RunResult) -> str:
+    return f"{r.final_step}" + (f"/{r.max_steps}" if r.max_steps and r.final_step < r.max_steps else "")
+
+
+def _axis(r: RunResult) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r.axis.items()) or "–"
+
+
+def best_table(results: list[RunResult]) -> list[str]:
+    """One row per layout: its best run (lowest final val loss) over the axis."""
+    ks = recall_keys(results)
+    axis = next((r.axis for r in results if r.axis), {})
+    head = ["variant", "layout", "params", "best " + "/".join(axis) if axis else "best"]
+    head += ["steps", "val loss", *[f"recall {k}" for k in ks]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in best_runs(results):
+        row = [
+            r.group,
+            f"`{r.pattern}`",
+            _millions(r.params.get("total")),
+            _axis(r),
+            _steps(r),
+            _fmt(r.val_loss),
+        ]
+        row += [_fmt((r.probe or {}).get(k, {}).get("acc"), ".3f") for k in ks]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def markdown(results: list[RunResult], probe_cfg: ProbeConfig | None) -> str:
-    ks = [f"K={k}" for k in probe_cfg.num_pairs] if probe_cfg else []
+    ks = recall_keys(results)
+    axis = has_axis(results)
     head = [
         "variant",
         "layout",
         "params total / active",
+        *(["axis"] if axis else []),
         "steps",
         "tokens",
         "train loss (last 10%)",
@@ -159,25 +280,45 @@ def markdown(results: list[RunResult], probe_cfg: ProbeConfig | None) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         last = r.train[-1] if r.train else {}
-        steps = f"{r.final_step}" + (f"/{r.max_steps}" if r.max_steps and r.final_step < r.max_steps else "")
         row = [
             r.name,
             f"`{r.pattern}`",
             f"{_millions(r.params.get('total'))} / {_millions(r.params.get('active'))}",
-            steps,
+            *([_axis(r)] if axis else []),
+            _steps(r),
             f"{last.get('train/tokens', 0):,}",
             _fmt(r.train_loss()),
-            _fmt(r.val[-1]["val/loss"] if r.val else None),
+            _fmt(r.val_loss),
             _fmt(r.tokens_per_s(), ",.0f"),
         ]
-        row += [_fmt((r.probe or {}).get(k, {}).get("acc"), ".2f") for k in ks]
+        row += [_fmt((r.probe or {}).get(k, {}).get("acc"), ".3f") for k in ks]
         lines.append("| " + " | ".join(row) + " |")
+    if axis:
+        lines = [
+            "Best run of each layout (lowest final val loss over the axis):",
+            "",
+            *best_table(results),
+            "",
+            "Every run:",
+            "",
+            *lines,
+        ]
     notes = [
         "",
         "Layout: `*` attention, `M` Mamba, `E` MoE feed-forward. Parameters count embeddings "
         "(jamba/counting.py). Val loss: the last validation pass. tokens/s: median of the logged steps.",
     ]
-    if probe_cfg:
+    scored = [r.probe for r in results if r.probe]
+    if any(p.get("eval") == "mqar" for p in scored):
+        p = next(p for p in scored if p.get("eval") == "mqar")
+        n = {k: v["examples"] for k, v in p.items() if k.startswith("K=")}
+        notes.append(
+            f"Recall K=n: MQAR with n key-value pairs (launch/recall.py), the share of answers where the argmax "
+            f"over the whole vocabulary is the right value, on the corpus's val split ({min(n.values())} "
+            f"examples per K, every key queried once); chance {p['chance']:.4f}. Train and val loss are the "
+            f"cross-entropy on the answer tokens only."
+        )
+    elif scored and probe_cfg:
         notes.append(
             f"Recall K=n: in-context associative recall with n key-value pairs (launch/probe.py), accuracy "
             f"of the argmax over the {int(round(1 / chance()))} possible values on {probe_cfg.num_prompts} "
@@ -186,9 +327,18 @@ def markdown(results: list[RunResult], probe_cfg: ProbeConfig | None) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def plot(results: list[RunResult], path: Path, probe_cfg: ProbeConfig | None) -> None:
-    """Train loss (smoothed) and val loss against tokens, one line per variant: colour = attention:Mamba
-    ratio, dashed = dense; with probe scores, recall accuracy against K."""
+def plot_title(sweep_dir: Path, sweep: dict) -> str:
+    if not sweep:
+        return f"runs in {sweep_dir}"
+    extra = f", sweep preset {sweep['sweep']}" if sweep.get("sweep") else ""
+    return f"sweep {sweep['name']}: model {sweep['preset']}, {sweep['steps']} steps per run{extra}"
+
+
+def plot(results: list[RunResult], path: Path, title: str = "") -> dict:
+    """Train loss (the table's trailing mean, raw records as dots) and val loss against tokens, and
+    recall against the number of pairs, one colour per variant (the best run of each layout when the
+    sweep has an axis; dashed = dense when MoE runs are there too); one legend below the panels.
+    Returns what it drew: {label: {panel: (xs, ys)}}."""
     try:
         import matplotlib
     except ImportError:
@@ -197,52 +347,74 @@ def plot(results: list[RunResult], path: Path, probe_cfg: ProbeConfig | None) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with_probe = probe_cfg is not None and any(r.probe for r in results)
-    fig, axes = plt.subplots(1, 3 if with_probe else 2, figsize=(13 if with_probe else 9.5, 3.8), dpi=80)
-    ratios = list(dict.fromkeys(r.name.split("-")[0] for r in results))
+    shown = best_runs(results) if has_axis(results) else results
+    ks = recall_keys(shown)
+    with_recall = bool(ks)
+    fig, axes = plt.subplots(1, 3 if with_recall else 2, figsize=(13 if with_recall else 9.5, 4.6), dpi=80)
+    ratios = list(dict.fromkeys(r.group.split("-")[0] for r in shown))
     colours = {ratio: plt.get_cmap("tab10")(i) for i, ratio in enumerate(ratios)}
+    drawn: dict[str, dict] = {}
+    mixed = len({r.moe for r in shown}) > 1
     late: list[float] = []  # train losses after the first fifth of training: the y range worth showing
-    for r in results:
-        style = dict(
-            color=colours[r.name.split("-")[0]],
-            linestyle="--" if r.moe is False else "-",
-            label=r.name,
-            linewidth=1.3,
-        )
+    for r in shown:
+        label = r.group + (f" ({_axis(r)})" if r.axis else "") if has_axis(results) else r.name
+        dashed = r.moe is False and mixed  # dense dashed when the sweep has MoE runs too
+        style = dict(color=colours[r.group.split("-")[0]], linestyle="--" if dashed else "-", linewidth=1.4)
+        drawn[label] = {}
         if r.train:
-            ema, ys = None, []
-            for rec in r.train:  # EMA over logged records: the raw per-step loss is noisy at this batch size
-                ema = rec["train/loss"] if ema is None else 0.8 * ema + 0.2 * rec["train/loss"]
-                ys.append(ema)
-            axes[0].plot([rec.get("train/tokens", rec["step"]) / 1e3 for rec in r.train], ys, **style)
+            xs = [rec.get("train/tokens", rec["step"]) / 1e3 for rec in r.train]
+            ys = r.train_curve()
+            axes[0].plot(
+                xs, [rec["train/loss"] for rec in r.train], ".", color=style["color"], ms=2, alpha=0.35
+            )
+            axes[0].plot(xs, ys, label=label, **style)
+            drawn[label]["train"] = (xs, ys)
             late += [y for rec, y in zip(r.train, ys, strict=True) if rec["step"] > 0.2 * r.final_step]
         if r.val:
             tok = {rec["step"]: rec.get("train/tokens") for rec in r.train}
             xs = [(tok.get(v["step"]) or v["step"]) / 1e3 for v in r.val]
-            axes[1].plot(xs, [v["val/loss"] for v in r.val], marker="o", markersize=3, **style)
-        if with_probe and r.probe:
-            ks = [k for k in probe_cfg.num_pairs if f"K={k}" in r.probe]
-            axes[2].plot(ks, [r.probe[f"K={k}"]["acc"] for k in ks], marker="o", **style)
-    axes[0].set(title="train loss (EMA)", xlabel="tokens (thousands)", ylabel="loss")
+            ys = [v["val/loss"] for v in r.val]
+            axes[1].plot(xs, ys, marker="o", markersize=3, **({} if r.train else {"label": label}), **style)
+            drawn[label]["val"] = (xs, ys)
+        if with_recall and r.probe:
+            rk = [k for k in ks if k in r.probe]
+            xs, ys = [int(k[2:]) for k in rk], [r.probe[k]["acc"] for k in rk]
+            axes[2].plot(xs, ys, marker="o", **({} if r.train or r.val else {"label": label}), **style)
+            drawn[label]["recall"] = (xs, ys)
+    axes[0].set(
+        title="train loss (trailing mean over 10% of the steps)", xlabel="tokens (thousands)", ylabel="loss"
+    )
     if late:
-        axes[0].set_ylim(min(late) * 0.97, max(late) * 1.03)
-    axes[1].set(title="validation loss", xlabel="tokens (thousands)")
-    if with_probe:
-        axes[2].axhline(chance(), color="grey", linewidth=0.8, linestyle=":", label="chance")
+        lo, hi = min(late), max(late)
+        axes[0].set_ylim(lo - 0.05 * (hi - lo + 1e-3), hi + 0.05 * (hi - lo + 1e-3))
+    axes[1].set(title="validation loss (each pass)", xlabel="tokens (thousands)")
+    if with_recall:
+        chances = {r.probe.get("chance") for r in shown if r.probe}
+        for c in chances:
+            axes[2].axhline(c, color="grey", linewidth=0.8, linestyle=":")
         axes[2].set(
-            title="associative recall",
+            title=f"recall (chance {', '.join(f'{c:.3g}' for c in sorted(chances))}, dotted)",
             xlabel="key-value pairs in context (K)",
             ylabel="accuracy",
-            ylim=(0, 1),
-            xticks=list(probe_cfg.num_pairs),
+            ylim=(-0.02, 1.02),
+            xticks=[int(k[2:]) for k in ks],
         )
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    handles, labels = [], []
+    for ax in axes:
+        h, lab = ax.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    ncol = min(len(labels), 4)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    rows = -(-len(labels) // max(ncol, 1))
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.02 + 0.05 * rows, 1, 0.95 if title else 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+    return drawn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,9 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("sweep_dir", help="runs/sweep-NAME (or any directory of run directories)")
     p.add_argument("-o", "--output", help="Markdown file (default: print)")
-    p.add_argument("--plot", help="PNG of the loss curves")
-    p.add_argument("--no-probe", action="store_true", help="skip the associative-recall probe")
-    p.add_argument("--pairs", default="4,8,16", help="probe: numbers of key-value pairs")
+    p.add_argument("--plot", help="PNG of the loss curves and recall")
+    p.add_argument("--no-probe", action="store_true", help="skip recall (the MQAR eval and the probe)")
+    p.add_argument("--pairs", default="4,8,16", help="probe: numbers of key-value pairs (MQAR: the corpus's)")
     p.add_argument("--prompts", type=int, default=200, help="probe: prompts per K")
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -282,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
         if probe_cfg is not None:
             res.probe = probe_run(res, probe_cfg, a.device, a.data)
         results.append(res)
+    sweep = read_sweep(sweep_dir)
+    assign_groups(results, sweep)
     text = markdown(results, probe_cfg)
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
@@ -290,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sys.stdout.write(text)
     if a.plot:
-        plot(results, Path(a.plot), probe_cfg)
+        plot(results, Path(a.plot), plot_title(sweep_dir, sweep))
         print(f"wrote {a.plot}")
     return 0
 

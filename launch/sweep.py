@@ -4,6 +4,7 @@
     python -m launch.sweep --name ratio --ratios 1:7,mamba --moe on --axis model.use_rope=false,true
     python -m launch.sweep --name r13b --preset ablation-1.3b --steps 20000 --slurm --gpus-per-node 8 \\
         --partition gpu -- data.path=/data/pile-tok     # one Slurm job per run
+    python -m launch.sweep --sweep mqar        # a named sweep (launch/sweep_presets.py): MQAR recall, one GPU
     python -m launch.report runs/sweep-ratio -o runs/sweep-ratio/report.md --plot runs/sweep-ratio/loss.png
 
 Every variant is the preset with one layout written as a layer pattern over its num_hidden_layers
@@ -39,8 +40,10 @@ from pathlib import Path
 
 from .commands import LaunchError, LaunchSpec, check_name, local_command
 from .hostfile import Host
+from .sweep_presets import SWEEPS
 
 RATIOS = ("attn", "1:3", "1:7", "mamba")
+TIMED_OUT = 124  # a run's result when --timeout stopped it (as timeout(1) exits)
 # Keys the sweep sets for each run; an extra override of one of them would silently break the comparison.
 OWNED = (
     "model",
@@ -202,6 +205,7 @@ def write_manifest(a: argparse.Namespace, variants: list[Variant]) -> Path:
         json.dumps(
             {
                 "name": a.name,
+                "sweep": a.sweep,
                 "preset": a.preset,
                 "steps": a.steps,
                 "nproc": a.nproc,
@@ -240,13 +244,20 @@ def run_local(
                 rc = p.wait(timeout)
             except subprocess.TimeoutExpired:
                 _terminate(p)  # train saves a checkpoint and stops: the next invocation resumes it
-                rc = p.wait()
+                p.wait()
+                rc = TIMED_OUT
             except KeyboardInterrupt:
                 _terminate(p)
                 p.wait()
                 raise
         results[v.name] = rc
-        status = "ok" if rc == 0 else f"FAILED (exit {rc}; see {v.run_dir / 'console.log'})"
+        status = (
+            "ok"
+            if rc == 0
+            else f"stopped at --timeout {timeout:g}s (the same command resumes it)"
+            if rc == TIMED_OUT
+            else f"FAILED (exit {rc}; see {v.run_dir / 'console.log'})"
+        )
         print(f"[{i}/{len(variants)}] {v.name}: {status} in {time.monotonic() - t0:.0f}s", flush=True)
     return results
 
@@ -296,6 +307,11 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument(
+        "--sweep",
+        choices=sorted(SWEEPS),
+        help="a named sweep (launch/sweep_presets.py): its flags and overrides as defaults, its data prepared",
+    )
     p.add_argument("--name", default="ratio", help="sweep name: runs/sweep-NAME, W&B group NAME")
     p.add_argument("--preset", default="debug", help="model preset (conf/model/*.yaml)")
     p.add_argument("--steps", type=int, default=120, help="optimizer steps per run (the same for all)")
@@ -342,7 +358,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
+    p = parser()
+    named = p.parse_known_args(argv)[0].sweep
+    if named:
+        p.set_defaults(**SWEEPS[named].defaults)
+    a = p.parse_args(argv)
+    if named:
+        a.overrides = [*SWEEPS[named].overrides, *a.overrides]
     if a.experiment is None:
         a.experiment = "ablation-debug" if a.preset == "debug" else "ablation"
     try:
@@ -355,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep {a.name}: {len(variants)} runs x {a.steps} steps, {manifest}")
     for v in variants:
         print(f"  {v.name:<24} {v.pattern:<20} {v.status}{f' (step {v.step})' if v.step else ''}")
+    if named and SWEEPS[named].prepare and not a.dry_run:
+        from data.prepare import main as prepare
+
+        if rc := prepare(list(SWEEPS[named].prepare)):
+            return rc
     if a.slurm:
         run_slurm(a, variants)
         return 0

@@ -1,0 +1,82 @@
+"""Named sweeps: what `--sweep mqar` / `lm-gpu` plan (layouts of one size, MoE off, one lr axis, the
+corpus the runs read is the one the preset prepares), and that command-line flags still win."""
+
+import json
+import sys
+
+from data.synthetic import MQARSpec
+from jamba.counting import count_params
+from launch import sweep
+from launch.sweep_presets import SWEEPS
+from train.config import build_model_config
+
+
+def _plan(tmp_path, *args):
+    assert sweep.main(["--root", str(tmp_path), "--dry-run", *args]) == 0
+    name = args[args.index("--sweep") + 1] if "--name" not in args else args[args.index("--name") + 1]
+    return json.loads((tmp_path / f"sweep-{name}" / "sweep.json").read_text())
+
+
+def _value(overrides, key):
+    return [o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")][-1]
+
+
+def test_mqar_plan_is_four_dense_layouts_times_three_lrs(tmp_path):
+    plan = _plan(tmp_path, "--sweep", "mqar")
+    assert plan["sweep"] == "mqar" and plan["preset"] == "mqar" and plan["steps"] == 600
+    variants = plan["variants"]
+    assert len(variants) == 12 and not any(v["moe"] for v in variants)
+    assert {v["layer_pattern"] for v in variants} == {"********", "MM*MMM*M", "MMMM*MMM", "MMMMMMMM"}
+    lrs = {v["ratio"]: [] for v in variants}
+    for v in variants:
+        lrs[v["ratio"]].append(_value(v["overrides"], "optim.lr"))
+        assert _value(v["overrides"], "model.num_experts") == "1"
+    assert all(vals == ["5e-4", "2e-3", "8e-3"] for vals in lrs.values())  # each layout its own lr sweep
+    varying = ("model.layer_pattern", "optim.lr", "run_name", "run_dir", "logging.wandb.tags")
+    shared = [{o for o in v["overrides"] if not o.startswith(varying)} for v in variants]
+    assert all(s == shared[0] for s in shared)
+
+
+def test_the_runs_read_the_corpus_the_preset_prepares(tmp_path):
+    for name in ("mqar", "mqar-tiny"):
+        prep = SWEEPS[name].prepare
+        arg = dict(zip(prep[0::2], prep[1::2], strict=True))
+        overrides = _plan(tmp_path, "--sweep", name)["variants"][0]["overrides"]
+        assert _value(overrides, "data.path") == arg["-o"]
+        assert _value(overrides, "data.seq_len") == arg["--seq-len"]
+        spec = MQARSpec(num_keys=int(arg["--keys"]), num_values=int(arg["--values"]))
+        cfg = sweep.compose(overrides)[0]
+        assert build_model_config(cfg.model).vocab_size >= spec.vocab_size
+
+
+def test_lm_gpu_layouts_are_about_100m_parameters(tmp_path):
+    variants = _plan(tmp_path, "--sweep", "lm-gpu")["variants"]
+    assert [v["ratio"] for v in variants] == ["attn", "1:3", "1:7", "mamba"]
+    for v, cfg in zip(variants, sweep.compose(*(v["overrides"] for v in variants)), strict=True):
+        total = count_params(build_model_config(cfg.model))["total"]
+        assert 70e6 < total < 110e6, (v["name"], total)
+        assert cfg.data.seq_len == 1024 and cfg.parallel.compile == "none"
+
+
+def test_gpu_sweeps_fit_one_10_minute_command():
+    """Each run is stopped at the preset's timeout (start-up included), so a sweep ends inside 10 minutes."""
+    assert SWEEPS["mqar"].defaults["timeout"] * 4 * 3 < 570  # 4 layouts x 3 lrs, + preparing the corpus
+    assert SWEEPS["lm-gpu"].defaults["timeout"] * 4 < 590
+
+
+def test_flags_and_overrides_win_over_the_preset(tmp_path):
+    plan = _plan(tmp_path, "--sweep", "mqar", "--steps", "7", "--ratios", "attn", "--", "optim.lr=1e-4")
+    assert plan["steps"] == 7 and len(plan["variants"]) == 3
+    # an override after -- comes after the preset's, but the lr axis is still set per run (it comes last)
+    assert all(_value(v["overrides"], "optim.lr") in ("5e-4", "2e-3", "8e-3") for v in plan["variants"])
+    more = _plan(tmp_path / "b", "--sweep", "mqar", "--ratios", "attn", "--axis", "model.use_rope=false,true")
+    assert len(more["variants"]) == 6  # --axis adds an axis to the preset's
+
+
+def test_a_run_stopped_at_the_timeout_is_reported_as_stopped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(
+        sweep, "local_command", lambda nproc, o: [sys.executable, "-c", "import time; time.sleep(30)"]
+    )
+    v = sweep.Variant("attn-dense", "attn", False, "****", [], tmp_path / "attn-dense")
+    assert sweep.run_local([v], 1, False, timeout=0.5) == {"attn-dense": sweep.TIMED_OUT}
+    assert "stopped at --timeout 0.5s (the same command resumes it)" in capsys.readouterr().out
