@@ -314,7 +314,10 @@ class Checkpointer:
         if self.pending is None:
             return None
         self.writer.join()
-        total = all_reduce_(torch.tensor([float(self.writer.bytes)], dtype=torch.float64))
+        # on the process group's device: NCCL reduces CUDA tensors only
+        total = all_reduce_(
+            torch.tensor([float(self.writer.bytes)], dtype=torch.float64, device=self.dist.device)
+        )
         figures = self.commit(float(total[0]))
         barrier()
         return figures
