@@ -23,6 +23,7 @@ class ScanTiling:
     T: int = 4
     K: int = 128
     stages: int = 1  # software pipelining of each chunk loop (tl.range num_stages): loads issued ahead
+    split: int = 1  # 1: the forward runs its K-step segments in parallel (two passes and a combine)
 
     def __post_init__(self) -> None:
         for f in ("BD", "T_fwd", "T", "K"):
@@ -75,14 +76,29 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool):
     nseg = _nseg(L, tg)
     y = torch.empty(b, d, L, device=u.device, dtype=u.dtype)
     hs = torch.empty(b, nseg, n, d, device=u.device, dtype=torch.float32)
-    grid = (b, triton_cdiv(d, tg.BD))
-    kern._scan_fwd_kernel[grid](
-        u, delta, A, B, C, Dv, zz, bias, y, hs, L, d, nseg,
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
-        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), zz.stride(0), zz.stride(1),
-        N=n, BD=tg.BD, T=tg.T_fwd, K=tg.K, STAGES=tg.stages, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=tg.num_warps,
-    )  # fmt: skip
+    npd = triton_cdiv(d, tg.BD)
+
+    def run(mode: int, grid: tuple, hl: torch.Tensor, sdt: torch.Tensor) -> None:
+        kern._scan_fwd_kernel[grid](
+            u, delta, A, B, C, Dv, zz, bias, y, hs, hl, sdt, L, d, nseg,
+            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
+            B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), zz.stride(0),
+            zz.stride(1), N=n, BD=tg.BD, T=tg.T_fwd, K=tg.K, STAGES=tg.stages, HAS_D=D is not None,
+            HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, MODE=mode,
+            num_warps=tg.num_warps,
+        )  # fmt: skip
+
+    if tg.split and nseg > 1:
+        # segments in parallel: zero-start end states, a sequential pass for the start states, then y
+        hl = torch.empty_like(hs)
+        sdt = torch.empty(b, nseg, d, device=u.device, dtype=torch.float32)
+        run(1, (b, npd, nseg), hl, sdt)
+        kern._combine_kernel[(b, npd)](
+            hl, sdt, A, hs, d, nseg, A.stride(0), A.stride(1), N=n, BD=tg.BD, num_warps=tg.num_warps
+        )
+        run(2, (b, npd, nseg), hl, sdt)
+    else:
+        run(0, (b, npd, 1), hs, hs)
     return y, hs
 
 

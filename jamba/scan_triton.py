@@ -69,6 +69,8 @@ def _scan_fwd_kernel(
     bias_ptr,
     y_ptr,
     hs_ptr,
+    hl_ptr,
+    sdt_ptr,
     L,
     DM,
     NSEG,
@@ -95,6 +97,7 @@ def _scan_fwd_kernel(
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
+    MODE: tl.constexpr,
 ):
     # u, delta, z, y: time is the unit-stride axis; y is contiguous [b, d, L]
     pid_b = tl.program_id(0).to(tl.int64)
@@ -114,26 +117,60 @@ def _scan_fwd_kernel(
     B_p = B_ptr + pid_b * s_Bb + n * s_Bn
     C_p = C_ptr + pid_b * s_Cb + n * s_Cn
     hs_p = hs_ptr + pid_b * NSEG * N * DM + n * DM + d
-    h = tl.zeros([N, BD], dtype=tl.float32)
-    for seg in range(0, NSEG):
-        tl.store(hs_p + seg * N * DM, h, mask=dmask)
+    # MODE 0: one program walks every segment, saving each segment's start state. With the time split,
+    # MODE 1 runs one segment from a zero state (its end state and sum of delta, for _combine_kernel) and
+    # MODE 2 one segment from the start state _combine_kernel wrote, for y.
+    seg_lo = tl.program_id(2) if MODE > 0 else 0
+    seg_hi = seg_lo + 1 if MODE > 0 else NSEG
+    if MODE == 2:
+        h = tl.load(hs_p + seg_lo * N * DM, mask=dmask, other=0.0)
+    else:
+        h = tl.zeros([N, BD], dtype=tl.float32)
+    sdt = tl.zeros([BD, T], dtype=tl.float32)
+    for seg in range(seg_lo, seg_hi):
+        if MODE == 0:
+            tl.store(hs_p + seg * N * DM, h, mask=dmask)
         for t0 in tl.range(seg * K, tl.minimum(seg * K + K, L), T, num_stages=STAGES):
             dt_tile, _, m = _delta_tile(dl_p, tt, t0, L, dm, bias, HAS_BIAS, SOFTPLUS)
             u_tile = tl.load(u_p + t0 + tt, mask=m, other=0.0).to(tl.float32)
             y_tile = tl.zeros([BD, T], dtype=tl.float32)
+            if MODE == 1:
+                sdt += dt_tile
             for i in tl.static_range(T):
                 t = t0 + i
                 B_t = tl.load(B_p + t * s_Bl, mask=t < L, other=0.0).to(tl.float32)  # [N, 1]
-                C_t = tl.load(C_p + t * s_Cl, mask=t < L, other=0.0).to(tl.float32)
                 dt = _col(dt_tile, tt, i)
                 h = tl.exp2(dt * A2) * h + (dt * _col(u_tile, tt, i)) * B_t
-                y_tile = _put(y_tile, tt, i, tl.sum(h * C_t, axis=0))
-            if HAS_D:
-                y_tile += Dv * u_tile
-            if HAS_Z:
-                z_tile = tl.load(z_p + t0 + tt, mask=m, other=0.0).to(tl.float32)
-                y_tile *= z_tile * tl.sigmoid(z_tile)
-            tl.store(y_p + t0 + tt, y_tile.to(y_ptr.dtype.element_ty), mask=m)
+                if MODE != 1:
+                    C_t = tl.load(C_p + t * s_Cl, mask=t < L, other=0.0).to(tl.float32)
+                    y_tile = _put(y_tile, tt, i, tl.sum(h * C_t, axis=0))
+            if MODE != 1:
+                if HAS_D:
+                    y_tile += Dv * u_tile
+                if HAS_Z:
+                    z_tile = tl.load(z_p + t0 + tt, mask=m, other=0.0).to(tl.float32)
+                    y_tile *= z_tile * tl.sigmoid(z_tile)
+                tl.store(y_p + t0 + tt, y_tile.to(y_ptr.dtype.element_ty), mask=m)
+    if MODE == 1:
+        tl.store(hl_ptr + pid_b * NSEG * N * DM + seg_lo * N * DM + n * DM + d, h, mask=dmask)
+        tl.store(sdt_ptr + (pid_b * NSEG + seg_lo) * DM + dc, tl.sum(sdt, axis=1)[:, None], mask=dm)
+
+
+@triton.jit
+def _combine_kernel(hl_ptr, sdt_ptr, A_ptr, hs_ptr, DM, NSEG, s_Ad, s_An, N: tl.constexpr, BD: tl.constexpr):
+    """Segment start states from each segment's zero-start end state hl and its decay exp(A * sum delta):
+    hs[0] = 0, hs[s + 1] = exp(A * sdt[s]) * hs[s] + hl[s] (a short sequential pass over segments)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    n = tl.arange(0, N)[:, None]
+    d = tl.program_id(1) * BD + tl.arange(0, BD)[None, :]
+    dmask = d < DM
+    A2 = tl.load(A_ptr + d * s_Ad + n * s_An, mask=dmask, other=0.0) * 1.4426950408889634
+    off = pid_b * NSEG * N * DM + n * DM + d
+    h = tl.zeros([N, BD], dtype=tl.float32)
+    for seg in range(0, NSEG):
+        tl.store(hs_ptr + off + seg * N * DM, h, mask=dmask)
+        sdt = tl.load(sdt_ptr + (pid_b * NSEG + seg) * DM + d, mask=dmask, other=0.0)
+        h = tl.exp2(A2 * sdt) * h + tl.load(hl_ptr + off + seg * N * DM, mask=dmask, other=0.0)
 
 
 @triton.jit

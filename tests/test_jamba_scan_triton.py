@@ -60,6 +60,7 @@ def tiling(monkeypatch):
         (16, True, True, True, True, dict(BD=4, T_fwd=2, T=2, K=4)),
         (4, False, False, False, False, dict(BD=2, T_fwd=4, T=2, K=8)),
         (16, True, False, True, True, dict(BD=8, T_fwd=8, T=4, K=16)),
+        (4, True, True, True, True, dict(BD=4, T_fwd=2, T=2, K=4, split=1)),
     ],
 )
 def test_triton_scan_matches_reference(tiling, n, z, D, bias, softplus, tile):
