@@ -24,6 +24,8 @@ class ScanTiling:
     K: int = 128
     stages: int = 1  # software pipelining of each chunk loop (tl.range num_stages): loads issued ahead
     split: int = 1  # 1: the forward runs its K-step segments in parallel (two passes and a combine)
+    # 1: the backward's segments in parallel too (local carries, a reverse combine); not yet measured on a GPU
+    split_bwd: int = 0
 
     def __post_init__(self) -> None:
         for f in ("BD", "T_fwd", "T", "K"):
@@ -94,7 +96,18 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool):
         sdt = torch.empty(b, nseg, d, device=u.device, dtype=torch.float32)
         run(1, (b, npd, nseg), hl, sdt)
         kern._combine_kernel[(b, npd)](
-            hl, sdt, A, hs, d, nseg, A.stride(0), A.stride(1), N=n, BD=tg.BD, num_warps=tg.num_warps
+            hl,
+            sdt,
+            A,
+            hs,
+            d,
+            nseg,
+            A.stride(0),
+            A.stride(1),
+            N=n,
+            BD=tg.BD,
+            REVERSE=False,
+            num_warps=tg.num_warps,
         )
         run(2, (b, npd, nseg), hl, sdt)
     else:
@@ -116,28 +129,58 @@ def _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, delta_softplus: bool):
     du = torch.empty(b, d, L, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(b, d, L, device=u.device, dtype=delta.dtype)
     dz = torch.empty(b, d, L, device=u.device, dtype=z.dtype) if z is not None else du.new_empty(0)
-    dAp = torch.empty(b, n, d, **f32)
-    dDp = torch.empty(b, d, **f32)
-    dbp = torch.empty(b, d, **f32)
+    split = bool(tg.split_bwd) and nseg > 1
+    ns = nseg if split else 1
+    dAp = torch.empty(b, ns, n, d, **f32)
+    dDp = torch.empty(b, ns, d, **f32)
+    dbp = torch.empty(b, ns, d, **f32)
     dBp = torch.empty(b, npd, L, n, **f32)
     dCp = torch.empty(b, npd, L, n, **f32)
-    scratch = torch.empty(b * npd, tg.K // tg.T, n, tg.BD, **f32)
-    kern._scan_bwd_kernel[(b, npd)](
-        u, delta, Af, B, C, Dv, zz, bias, g, hs, scratch, du, ddelta, dz, dAp, dDp, dbp, dBp, dCp,
-        L, d, nseg, npd,
+    ce = hs  # unused without the split
+    items = b * npd * ns
+    programs = items
+    if split:
+        # each segment's incoming adjoint carry: segment-local carries, then a reverse pass over segments
+        G = torch.empty_like(hs)
+        sdt = torch.empty(b, nseg, d, **f32)
+        kern._bwd_carry_kernel[(b, npd, nseg)](
+            delta, Af, C, zz, bias, g, G, sdt, L, d, nseg,
+            delta.stride(0), delta.stride(1), Af.stride(0), Af.stride(1), C.stride(0), C.stride(1), C.stride(2),
+            zz.stride(0), zz.stride(1), g.stride(0), g.stride(1),
+            N=n, BD=tg.BD, T=tg.T, K=tg.K, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=delta_softplus, num_warps=tg.num_warps,
+        )  # fmt: skip
+        ce = torch.empty_like(hs)
+        kern._combine_kernel[(b, npd)](
+            G, sdt, Af, ce, d, nseg, Af.stride(0), Af.stride(1), N=n, BD=tg.BD, REVERSE=True,
+            num_warps=tg.num_warps,
+        )  # fmt: skip
+        programs = min(items, _resident_programs(u.device))
+    scratch = torch.empty(programs, tg.K // tg.T, n, tg.BD, **f32)
+    kern._scan_bwd_kernel[(programs,)](
+        u, delta, Af, B, C, Dv, zz, bias, g, hs, scratch, ce, du, ddelta, dz, dAp, dDp, dbp, dBp, dCp,
+        L, d, nseg, npd, b,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Af.stride(0), Af.stride(1),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), zz.stride(0), zz.stride(1),
         g.stride(0), g.stride(1),
         N=n, BD=tg.BD, T=tg.T, K=tg.K, STAGES=tg.stages, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=tg.num_warps,
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, SPLIT=split, num_warps=tg.num_warps,
     )  # fmt: skip
     # the partial sums, reduced in a fixed order (deterministic)
-    dA = dAp.sum(0).t().to(A.dtype)
+    dA = dAp.sum((0, 1)).t().to(A.dtype)
     dB = dBp.sum(1).to(B.dtype)  # [b, L, n]
     dC = dCp.sum(1).to(C.dtype)
-    dD = dDp.sum(0) if D is not None else dDp.new_empty(0)
-    dbias = dbp.sum(0) if delta_bias is not None else dbp.new_empty(0)
+    dD = dDp.sum((0, 1)) if D is not None else dDp.new_empty(0)
+    dbias = dbp.sum((0, 1)) if delta_bias is not None else dbp.new_empty(0)
     return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
+def _resident_programs(device: torch.device) -> int:
+    """Programs the split backward launches (each loops over segments): about as many as fit on the GPU at
+    once (one-warp programs of ~255 registers: 8 an SM), so its per-program scratch stays small."""
+    if device.type != "cuda":
+        return 3  # the interpreter: a few programs, each looping over several items
+    return torch.cuda.get_device_properties(device).multi_processor_count * 8
 
 
 def triton_cdiv(a: int, b: int) -> int:
