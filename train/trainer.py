@@ -35,7 +35,14 @@ from .optim import clip_grad_norm_, lr_multiplier, set_lr
 from .profiling import profile_step
 from .resume import check_compatible, find_checkpoint
 from .signals import StopRequest
-from .spikes import SpikeDetector, is_finite, largest_layer_grad_norm
+from .spikes import (
+    ACTION_CODES,
+    KIND_CODES,
+    POLICY_CODES,
+    SpikeDetector,
+    is_finite,
+    largest_layer_grad_norm,
+)
 from .throughput import flops_per_token, memory_gb, peak_flops
 
 log = logging.getLogger("train")
@@ -73,7 +80,7 @@ class Trainer:
         self.engine, self.optimizer = build_engine(model, cfg, dist, self.precision)
         self.checkpointer.install_safe_loading(self.engine)
         self.spikes = SpikeDetector(cfg.spikes)
-        self.step = self.samples = self.tokens = self.rollbacks = self.skipped = 0
+        self.step = self.samples = self.tokens = self.rollbacks = 0
         self.last_saved: int | None = None
         self.wandb_id = uuid.uuid4().hex[:8]
         self.stop = StopRequest()
@@ -170,11 +177,11 @@ class Trainer:
                 f"{self.rollbacks} rollbacks (spikes.max_rollbacks={self.cfg.spikes.max_rollbacks}): "
                 f"the spikes persist; lower optim.lr or inspect the data near step {self.step}"
             )
-        failed_step, count = self.step, self.spikes.count
+        failed_step, counts = self.step, (self.spikes.count, self.spikes.skipped)
         state = read_state(ckpt)  # written by this layout, unless the run resumed on a new one since
         self.checkpointer.load(self.engine, ckpt, optimizer=state.get("world_size") == self.dist.world_size)
         self._set_state(state, data=False)
-        self.spikes.count, self.last_saved = count, self.step
+        (self.spikes.count, self.spikes.skipped), self.last_saved = counts, self.step
         self.metrics.event(
             "rollback", failed_step, **{"rollback/to_step": self.step, "rollback/count": self.rollbacks}
         )
@@ -275,7 +282,8 @@ class Trainer:
             "train/grad_norm": gnorm,
             "train/samples": self.samples,
             "train/tokens": self.tokens,
-            "train/skipped_steps": self.skipped,
+            "spikes/count": self.spikes.count,  # cumulative, so they chart
+            "spikes/skipped": self.spikes.skipped,
         }
         return {**m, **self._moe_metrics(acc)}
 
@@ -296,16 +304,20 @@ class Trainer:
     def _on_spike(self, kind: str, loss: float, threshold, gnorm: float, layer, skipped: bool) -> None:
         policy = self.cfg.spikes.policy
         self.spikes.count += 1
-        self.skipped += int(skipped)
+        self.spikes.skipped += int(skipped)
         rollback = policy == SpikePolicy.rollback and self.checkpointer.latest() is not None
+        action = "rolled_back" if rollback else "skipped" if skipped else "applied"
         fields = {
             "spike/kind": kind,
+            "spike/kind_code": KIND_CODES[kind],
             "spike/loss": loss,
             "spike/threshold": threshold,
             "spike/grad_norm": gnorm,
             "spike/policy": policy.value,
+            "spike/policy_code": POLICY_CODES[policy.value],
             "spike/count": self.spikes.count,
-            "spike/action": "rolled_back" if rollback else "skipped" if skipped else "applied",
+            "spike/action": action,
+            "spike/action_code": ACTION_CODES[action],
         }
         if layer is not None:
             fields["spike/max_layer"], fields["spike/max_layer_grad_norm"] = layer
