@@ -159,6 +159,15 @@ class Trainer:
         self.checkpointer.start(self.engine, self.step, self._state(), mine, consolidated=weights is not None)
         self.last_saved = self.step
 
+    def prepare_saves(self) -> None:
+        """Collective, after this job's first step (the optimizer's states exist then): on a GPU, pin the
+        host buffers of the checkpoints in the background, so the first save does not wait for that."""
+        if not self.checkpointer.pins or not (self.cfg.checkpoint.interval or self.cfg.checkpoint.save_final):
+            return
+        weights = consolidated_state_dict(self.engine.module, self.cfg)
+        mine = weights if self.dist.is_main else None
+        self.checkpointer.prepare(self.engine, mine, consolidated=weights is not None)
+
     def finish_save(self) -> None:
         """Collective: wait for the checkpoint in flight, if any, and commit it."""
         if figures := self.checkpointer.wait():
@@ -359,6 +368,8 @@ class Trainer:
                 m = self.train_step()
                 step_s = time.perf_counter() - t0
             busy, steps = busy + step_s, steps + 1
+            if self.step == first:
+                self.prepare_saves()
             if self.step % cfg.logging.interval == 0 or self.step in (first, tc.max_steps):
                 dt = busy / steps  # time in train steps only (not eval or checkpoints)
                 tps = self.global_batch * cfg.data.seq_len / dt
