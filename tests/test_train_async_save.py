@@ -81,8 +81,20 @@ def _pinned_ahead_run(run_dir: str) -> None:
         keys = [k for k, _, _ in plan]
         assert len(set(keys)) == len(keys) and any("exp_avg_sq" in map(str, k) for k in keys), keys
         assert sum(k[0] == "weights" for k in keys) == len(weights)
-        host, pinned = ck.snapshot.host, []
-        host.pin, host.pin_fn = True, lambda ptr, size: pinned.append((ptr, size))
+        host, pinned, unpinned = ck.snapshot.host, [], []
+
+        def fail_at_the_fourth(ptr, size):  # pinning that fails midway: what was pinned is given back
+            if len(pinned) == 3:
+                raise RuntimeError("cudaError 2")
+            pinned.append((ptr, size))
+
+        host.pin, host.pin_fn, host.unpin_fn = True, fail_at_the_fourth, unpinned.append
+        host.prepare(plan)
+        host.ready()
+        assert "cudaError 2" in str(host.prepare_error) and not host.buffers and host.arena is None
+        assert unpinned == [p for p, _ in pinned] and len(pinned) == 3
+        pinned, host.prepare_error = [], None
+        host.pin_fn = lambda ptr, size: pinned.append((ptr, size))
         host.done = lambda: None  # no device copies to wait for on the CPU
         host.prepare(plan)
         host.ready()

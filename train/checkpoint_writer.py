@@ -39,6 +39,10 @@ def _pin(ptr: int, size: int) -> None:
         raise RuntimeError(f"pinning {size} bytes of host memory for checkpoints failed: cudaError {err}")
 
 
+def _unpin(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
 class HostCopy:
     """Copies of tensors in host memory. On a GPU the buffers are pinned and kept for the next save (at most
     one save is in flight, so the previous write is done with them); on the CPU each save clones.
@@ -48,8 +52,8 @@ class HostCopy:
     the shapes `copy` would see): one host arena of exactly their size, one page-aligned view per tensor,
     each view pinned alone. A tensor the plan did not foresee gets its own pinned buffer at the save."""
 
-    def __init__(self, pin: bool, pin_fn=_pin) -> None:
-        self.pin, self.pin_fn, self.buffers, self.bytes = pin, pin_fn, {}, 0
+    def __init__(self, pin: bool, pin_fn=_pin, unpin_fn=_unpin) -> None:
+        self.pin, self.pin_fn, self.unpin_fn, self.buffers, self.bytes = pin, pin_fn, unpin_fn, {}, 0
         self.plan: list | None = None  # while planning: (key, shape, dtype) of each tensor, nothing copied
         self.preparing: threading.Thread | None = None
         self.prepare_error: BaseException | None = None
@@ -85,7 +89,7 @@ class HostCopy:
         self.preparing.start()
 
     def _allocate(self, plan: list, device: torch.device | None) -> None:
-        t0 = time.perf_counter()
+        t0, pinned = time.perf_counter(), []
         try:
             if device is not None and device.type == "cuda":
                 torch.cuda.set_device(device)
@@ -100,11 +104,14 @@ class HostCopy:
                     buffers[key] = torch.empty(shape, dtype=dtype)
                     continue
                 self.pin_fn(base + off, size)
+                pinned.append(base + off)
                 buffers[key] = torch.frombuffer(arena, dtype=dtype, count=n, offset=off).view(shape)
                 off += size
             self.arena, self.buffers = arena, buffers
         except BaseException as e:  # noqa: BLE001 - the save then pins per tensor (reported by `ready`)
             self.prepare_error = e
+            for ptr in pinned:  # hold no second copy: give back what was pinned
+                self.unpin_fn(ptr)
         self.prepared_s = time.perf_counter() - t0
 
     def ready(self) -> None:
