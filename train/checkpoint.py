@@ -267,7 +267,8 @@ class Checkpointer:
 
         if not isinstance(engine.checkpoint_engine, SnapshotEngine):
             self.install_safe_loading(engine)
-        return engine.checkpoint_engine
+        self.snapshot = engine.checkpoint_engine  # installed by another Checkpointer of this engine, maybe
+        return self.snapshot
 
     def _copy_state(self, engine, root: Path, tag: str, weights: dict | None, consolidated: bool):
         """Collective: host copies of DeepSpeed's files and this rank's RNG state (the writer's jobs) and,
