@@ -47,3 +47,84 @@ def test_a_save_killed_in_the_background_leaves_latest_on_the_previous(tmp_path,
     assert module["module"] == WEIGHTS_ELSEWHERE
     with safe_open(str(ckpt / WEIGHTS_FILE), framework="pt") as f:
         assert "model.embed_tokens.weight" in f.keys()
+
+
+def _pinned_ahead_run(run_dir: str) -> None:
+    """In a 1-rank gloo world: the trainer in-process, one step; then the plan of a save, buffers
+    allocated from it as on a GPU (pinning recorded instead of done: no CUDA here), and a real save."""
+    import ctypes
+    import math
+    import os
+
+    import torch
+    from hydra import compose, initialize_config_dir
+    from safetensors.torch import load_file
+
+    from train.build import consolidated_state_dict
+    from train.checkpoint_writer import PAGE
+    from train.config import register, to_config
+    from train.distributed import Dist
+    from train.trainer import Trainer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.chdir(root)
+    register()
+    with initialize_config_dir(os.path.join(root, "conf"), version_base=None):
+        cfg = to_config(compose("config", overrides=[*ONE_RANK, f"run_dir={run_dir}", "run_name=test"]))
+    trainer = Trainer(cfg, Dist(0, 1, 0, torch.device("cpu")))
+    try:
+        trainer.train_step()
+        ck, engine = trainer.checkpointer, trainer.engine
+        weights = consolidated_state_dict(engine.module, cfg)
+        plan = ck.plan(engine, weights)
+        assert not (ck.root / ".plan").exists()
+        keys = [k for k, _, _ in plan]
+        assert len(set(keys)) == len(keys) and any("exp_avg_sq" in map(str, k) for k in keys), keys
+        assert sum(k[0] == "weights" for k in keys) == len(weights)
+        host, pinned, unpinned = ck.snapshot.host, [], []
+
+        def fail_at_the_fourth(ptr, size):  # pinning that fails midway: what was pinned is given back
+            if len(pinned) == 3:
+                raise RuntimeError("cudaError 2")
+            pinned.append((ptr, size))
+
+        host.pin, host.pin_fn, host.unpin_fn = True, fail_at_the_fourth, unpinned.append
+        host.prepare(plan)
+        host.ready()
+        assert "cudaError 2" in str(host.prepare_error) and not host.buffers and host.arena is None
+        assert unpinned == [p for p, _ in pinned] and len(pinned) == 3
+        pinned, host.prepare_error = [], None
+        host.pin_fn = lambda ptr, size: pinned.append((ptr, size))
+        host.done = lambda: None  # no device copies to wait for on the CPU
+        host.prepare(plan)
+        host.ready()
+        assert host.prepare_error is None and set(host.buffers) == set(keys)
+        state_bytes = sum(math.prod(s) * d.itemsize for _, s, d in plan)
+        arena = ctypes.addressof(ctypes.c_char.from_buffer(host.arena))
+        assert state_bytes <= len(host.arena) <= state_bytes + PAGE * len(plan)  # one copy of it
+        pinned.sort()
+        assert all(p % PAGE == 0 and s % PAGE == 0 for p, s in pinned)  # each buffer on its own pages
+        assert all(a + s <= b for (a, s), (b, _) in zip(pinned, pinned[1:], strict=False))
+        assert arena <= pinned[0][0] and pinned[-1][0] + pinned[-1][1] <= arena + len(host.arena)
+        ptrs = {k: b.data_ptr() for k, b in host.buffers.items()}
+        # every tensor of the save goes into its planned buffer: one not foreseen would be allocated with
+        # pin_memory=True, which fails without CUDA
+        ck.save(engine, 1, trainer._state(), weights)
+        assert {k: b.data_ptr() for k, b in host.buffers.items()} == ptrs
+        saved = load_file(str(ck.root / tag_for(1) / WEIGHTS_FILE))
+        assert saved.keys() == weights.keys() and all(torch.equal(saved[k], weights[k]) for k in saved)
+        saved = safe_load(ck.root / tag_for(1) / "mp_rank_00_model_states.pt")["optimizer"]["state"]
+        live = trainer.optimizer.state_dict()["state"]
+        assert saved.keys() == live.keys() and all(
+            torch.equal(saved[i][m], live[i][m]) for i in live for m in ("exp_avg", "exp_avg_sq")
+        )
+    finally:
+        trainer.close()
+
+
+@pytest.mark.timeout(120)
+def test_host_buffers_pinned_ahead_hold_the_first_save(tmp_path):
+    from dist_utils import run_distributed
+
+    run_distributed(_pinned_ahead_run, 1, str(tmp_path), timeout=100)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == tag_for(1)

@@ -175,9 +175,10 @@ def test_spike_detector():
     assert det.check_loss(6, 3.2)[0] is None
     assert det.check_loss(6, float("nan"))[0] == "nonfinite_loss"
     assert det.check_loss(1, float("inf"))[0] == "nonfinite_loss"  # non-finite is a spike even in warmup
+    det.count, det.skipped = 3, 2  # the W&B counters spikes/count, spikes/skipped continue after a resume
     other = SpikeDetector(det.cfg)
     other.load_state_dict(json.loads(json.dumps(det.state_dict())))
-    assert other.threshold(6) == det.threshold(6)
+    assert other.threshold(6) == det.threshold(6) and (other.count, other.skipped) == (3, 2)
 
 
 # ---- checkpoint bookkeeping ------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from train.checkpoint_writer import FP32_MASTERS, WEIGHTS_ELSEWHERE
 from train.config import Schedule, ScheduleConfig
 from train.eval import load_model
 from train.optim import lr_multiplier
-from train.testing import TINY, read_wandb_history, run_train
+from train.spikes import ACTION_CODES, KIND_CODES, POLICY_CODES
+from train.testing import TINY, read_wandb_events, read_wandb_history, run_train
 
 pytestmark = pytest.mark.distributed
 # Two ranks, each holding 2 of the 4 experts of every MoE layer (parallel/expert_parallel.py), ZeRO-2 over
@@ -92,6 +93,26 @@ def test_metrics_reach_jsonl_and_offline_wandb(reference):
     lrs = [r["train/lr"] for r in steps]
     assert lrs == pytest.approx([base * lr_multiplier(s - 1, sched) for s in range(1, 7)], rel=1e-12)
     assert lrs[:2] == pytest.approx([base / 2, base], rel=1e-12) and lrs[-1] < lrs[2]
+
+
+@pytest.mark.timeout(60)
+def test_spike_counters_codes_and_text_reach_offline_wandb(reference):
+    # the reference run's one spike (step 5, policy log): cumulative counters every interval, numeric codes
+    # in the history row of the event, the text fields in the `spikes/events` table of the offline run
+    history = read_wandb_history(reference.run_dir)
+    counts = {r["step"]: (r["spikes/count"], r["spikes/skipped"]) for r in history if "train/loss" in r}
+    assert counts == {1: (0, 0), 2: (0, 0), 3: (0, 0), 4: (0, 0), 5: (1, 0), 6: (1, 0)}
+    (event,) = [r for r in history if "spike/kind_code" in r]
+    assert event["step"] == 5 and event["spike/kind_code"] == KIND_CODES["loss"]
+    assert (
+        event["spike/action_code"] == ACTION_CODES["applied"]
+        and event["spike/policy_code"] == POLICY_CODES["log"]
+    )
+    (row,) = read_wandb_events(reference.run_dir, "spikes/events")
+    (spike,) = reference.events("spike")
+    assert row["step"] == 5 and (row["kind"], row["action"], row["policy"]) == ("loss", "applied", "log")
+    assert row["layer"] == spike["spike/max_layer"] and isinstance(row["layer"], str) and row["layer"]
+    assert row["loss"] == pytest.approx(spike["spike/loss"]) and row["loss"] > row["threshold"]
 
 
 @pytest.mark.timeout(120)

@@ -52,7 +52,7 @@ def test_skip_batch_applies_no_update(tmp_path):
     assert not same(weights(tmp_path, 8), weights(tmp_path, 9))
     losses = run.losses()
     assert all(math.isfinite(losses[s]) for s in (6, 7, 9)) and losses[9] < 2 * losses[7]
-    assert [r for r in run.metrics() if "train/loss" in r][-1]["train/skipped_steps"] == 2
+    assert [r for r in run.metrics() if "train/loss" in r][-1]["spikes/skipped"] == 2
 
 
 @pytest.mark.timeout(150)
@@ -197,4 +197,4 @@ def test_nonfinite_gradients_skip_the_update(tmp_path):
     )
     losses = run.losses()
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
-    assert [r for r in run.metrics() if "train/loss" in r][-1]["train/skipped_steps"] == 1
+    assert [r for r in run.metrics() if "train/loss" in r][-1]["spikes/skipped"] == 1

@@ -198,7 +198,7 @@ class Checkpointer:
 
         loader = safe_load if self.cfg.weights_only else engine.checkpoint_engine.load
         self.snapshot = SnapshotEngine(loader, engine.module)
-        self.snapshot.host = HostCopy(pin=self.dist.device.type == "cuda")
+        self.snapshot.host = HostCopy(pin=self.pins)
         engine.checkpoint_engine = self.snapshot
         # ZeRO's fp32 masters are not saved (they equal the fp32 weights): loads refresh them from the weights
         engine._config.zero_config.load_from_fp32_weights = False
@@ -223,7 +223,7 @@ class Checkpointer:
         `wait` publish it. `state` (JSON-able, with "model_config") and `weights` (the consolidated model)
         are rank 0's; consolidated=False (the same on every rank): there are none, every expert-parallel
         position writes its own experts. A save still in flight is finished first (one at a time)."""
-        from .checkpoint_writer import HostCopy, SnapshotEngine, Writer
+        from .checkpoint_writer import Writer
 
         if self.pending is not None:
             self.wait()
@@ -238,36 +238,81 @@ class Checkpointer:
             if path.exists():  # the partial directory of a save killed earlier
                 shutil.rmtree(path)
         barrier()
-        if not isinstance(engine.checkpoint_engine, SnapshotEngine):
-            self.install_safe_loading(engine)
-        snap: SnapshotEngine = engine.checkpoint_engine
-        host: HostCopy = snap.host
-        host.bytes, snap.jobs = 0, []
-        snap.strip_weights = consolidated  # the weights go to model_state.safetensors only
-        engine.save_checkpoint(
-            str(self.root), tag=tag, client_state={"trainer_state": STATE_FILE}, save_latest=False
-        )
-        jobs = snap.jobs
+        jobs, tensors = self._copy_state(engine, self.root, tag, weights, consolidated)
         from parallel.checkpoint import save_local_experts, save_portable
 
         if not consolidated:  # no consolidated weights: each EP position keeps its own experts
             save_local_experts(engine.module, path)
         if self.cfg.portable:  # gathers per parameter: written now, not in the background
             save_portable(engine, path)
-        rng = host.copy(rng_state(self.dist.device), ("rng",))
-        jobs.append(("torch", path / "rng" / f"rank_{self.dist.rank:05d}.pt", rng))
         if self.dist.is_main and consolidated:
-            tensors = host.copy({k: v.contiguous() for k, v in weights.items()}, ("weights",))
             meta = {"format": "pt", "step": str(step)}
             jobs.append(("safetensors", path / WEIGHTS_FILE, (tensors, meta)))
             jobs.append(("text", path / MODEL_CONFIG_FILE, json.dumps(state["model_config"], indent=1)))
-        host.done()
+        self.snapshot.host.done()
         kill = self.faults.kill_during_save_step == step
         self.writer = self.writer or Writer()
         self.writer.start(jobs, self.faults.kill_during_save_phase if kill else None)
         self.pending = {"tag": tag, "path": path, "state": state, "step": step, "kill": kill}
         self.stall_s = time.perf_counter() - t0
         return path
+
+    @property
+    def pins(self) -> bool:
+        """Host copies are pinned (on a GPU): `prepare` pins them ahead of the first save."""
+        return self.dist.device.type == "cuda"
+
+    def _snapshot_engine(self, engine):
+        from .checkpoint_writer import SnapshotEngine
+
+        if not isinstance(engine.checkpoint_engine, SnapshotEngine):
+            self.install_safe_loading(engine)
+        self.snapshot = engine.checkpoint_engine  # installed by another Checkpointer of this engine, maybe
+        return self.snapshot
+
+    def _copy_state(self, engine, root: Path, tag: str, weights: dict | None, consolidated: bool):
+        """Collective: host copies of DeepSpeed's files and this rank's RNG state (the writer's jobs) and,
+        on rank 0 when consolidated, of the weights. While the host copy plans (`plan`) nothing is copied."""
+        snap = self._snapshot_engine(engine)
+        host = snap.host
+        host.bytes, snap.jobs = 0, []
+        snap.strip_weights = consolidated  # the weights go to model_state.safetensors only
+        engine.save_checkpoint(
+            str(root), tag=tag, client_state={"trainer_state": STATE_FILE}, save_latest=False
+        )
+        jobs, snap.jobs = snap.jobs, []
+        rng = host.copy(rng_state(self.dist.device), ("rng",))
+        jobs.append(("torch", root / tag / "rng" / f"rank_{self.dist.rank:05d}.pt", rng))
+        tensors = None
+        if self.dist.is_main and consolidated:
+            tensors = host.copy({k: v.contiguous() for k, v in weights.items()}, ("weights",))
+        return jobs, tensors
+
+    def plan(self, engine, weights: dict | None = None, consolidated: bool = True) -> list:
+        """Collective: the (key, shape, dtype) of every tensor a save would copy to host memory, from a
+        dry run of the save (DeepSpeed's state dicts, no copy, no file but DeepSpeed's empty directories
+        and recovery script, in a scratch directory removed at once)."""
+        host = self._snapshot_engine(engine).host
+        scratch = self.root / ".plan"
+        host.plan = []
+        try:
+            self._copy_state(engine, scratch, "plan", weights, consolidated)
+            plan = host.plan
+        finally:
+            host.plan = None
+            barrier()
+            if self.dist.is_main:
+                shutil.rmtree(scratch, ignore_errors=True)
+        return plan
+
+    def prepare(self, engine, weights: dict | None = None, consolidated: bool = True) -> None:
+        """Collective, before the first save (the trainer: after its first step, once the optimizer's
+        states exist): on a GPU, plan the save and pin its host buffers in a background thread, so the
+        first save stalls only for the copy, like every later one. Nothing on the CPU (no pinning)."""
+        host = self._snapshot_engine(engine).host
+        if not self.pins or host.buffers or host.preparing is not None:
+            return
+        host.prepare(self.plan(engine, weights, consolidated), self.dist.device)
 
     @property
     def in_flight(self) -> bool:

@@ -16,6 +16,22 @@ from pathlib import Path
 from .config import ConfigError, WandbConfig
 
 log = logging.getLogger("train.metrics")
+# Events whose fields also go to a W&B table (one row per event, appended): W&B history charts numbers only,
+# so the text fields (kind, action, policy, layer) live there; the numeric codes are in the history.
+# Table key -> its columns (after "step") and the event fields they hold.
+EVENT_TABLES = {
+    "spike": (
+        "spikes/events",
+        {
+            "kind": "spike/kind",
+            "action": "spike/action",
+            "policy": "spike/policy",
+            "layer": "spike/max_layer",  # the layer with the largest gradient norm
+            "loss": "spike/loss",
+            "threshold": "spike/threshold",
+        },
+    )
+}
 
 
 def _plain(v):
@@ -63,11 +79,22 @@ class WandbSink:
         # Steps go back after a rollback and repeat after a resume: plot against our step, not W&B's.
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
+        self.tables: dict = {}
 
     def log(self, record: dict) -> None:
-        self.run.log(
-            {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        )
+        row = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if record.get("event") in EVENT_TABLES:
+            key, fields = EVENT_TABLES[record["event"]]
+            if key not in self.tables:
+                import wandb
+
+                columns = ["step", *fields]
+                self.tables[key] = wandb.Table(
+                    columns=columns, log_mode="INCREMENTAL", allow_mixed_types=True
+                )
+            self.tables[key].add_data(record["step"], *(_plain(record.get(f)) for f in fields.values()))
+            row[key] = self.tables[key]
+        self.run.log(row)
 
     def close(self) -> None:
         self.run.finish()
@@ -181,4 +208,16 @@ def read_wandb_file(path: Path) -> list[dict]:
             rows.append(
                 {(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in rec.history.item}
             )
+    return rows
+
+
+def read_wandb_table(path: Path, key: str) -> list[dict]:
+    """The rows (column -> value) of an incremental table logged under `key` in the W&B run file `path`: each
+    logged increment is a JSON file under the run's files/ (path in the history row), holding its new rows."""
+    files = Path(path).parent / "files"
+    rows = []
+    for h in read_wandb_file(path):
+        if f"{key}/path" in h:
+            table = json.loads((files / h[f"{key}/path"]).read_text())
+            rows += [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
     return rows

@@ -14,12 +14,19 @@ from torch import nn
 
 from .config import SpikeConfig
 
+# Numeric codes of a spike event's text fields (the event carries both; W&B charts only numbers):
+# spike/kind_code, spike/action_code, spike/policy_code. Append new values; never renumber.
+KIND_CODES = {"loss": 0, "nonfinite_loss": 1, "nonfinite_grad": 2}
+ACTION_CODES = {"applied": 0, "skipped": 1, "rolled_back": 2}
+POLICY_CODES = {"log": 0, "skip_batch": 1, "rollback": 2}
+
 
 class SpikeDetector:
     def __init__(self, cfg: SpikeConfig) -> None:
         self.cfg = cfg
         self.history: deque[float] = deque(maxlen=cfg.window)
-        self.count = 0
+        self.count = 0  # spikes so far (cumulative over resumes and rollbacks)
+        self.skipped = 0  # of them, steps whose update was not applied
 
     def threshold(self, step: int) -> float | None:
         """The loss above which `step` is a spike; None while there is no verdict (warmup, short history)."""
@@ -41,11 +48,12 @@ class SpikeDetector:
         self.history.append(float(loss))
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "count": self.count}
+        return {"history": list(self.history), "count": self.count, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = deque((float(x) for x in state.get("history", [])), maxlen=self.cfg.window)
         self.count = int(state.get("count", 0))
+        self.skipped = int(state.get("skipped", 0))
 
 
 def largest_layer_grad_norm(model: nn.Module) -> tuple[str, float] | None:

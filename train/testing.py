@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .metrics import read_jsonl, read_wandb_file
+from .metrics import read_jsonl, read_wandb_file, read_wandb_table
 
 # A model and batch small enough that startup dominates: 4 layers (Mamba, Mamba+MoE, attention, Mamba+MoE).
 TINY = [
@@ -96,9 +96,18 @@ def run_train(
     return Run(p.returncode, out, Path(run_dir))
 
 
-def read_wandb_history(run_dir: Path) -> list[dict]:
-    """The history rows of the newest offline W&B run under run_dir."""
+def _wandb_file(run_dir: Path) -> Path:
     files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no offline W&B run under {run_dir}/wandb")
-    return read_wandb_file(files[-1])
+    return files[-1]
+
+
+def read_wandb_history(run_dir: Path) -> list[dict]:
+    """The history rows of the newest offline W&B run under run_dir."""
+    return read_wandb_file(_wandb_file(run_dir))
+
+
+def read_wandb_events(run_dir: Path, key: str = "spikes/events") -> list[dict]:
+    """The rows of the event table `key` of the newest offline W&B run under run_dir."""
+    return read_wandb_table(_wandb_file(run_dir), key)

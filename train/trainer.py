@@ -35,7 +35,14 @@ from .optim import clip_grad_norm_, lr_multiplier, set_lr
 from .profiling import profile_step
 from .resume import check_compatible, find_checkpoint
 from .signals import StopRequest
-from .spikes import SpikeDetector, is_finite, largest_layer_grad_norm
+from .spikes import (
+    ACTION_CODES,
+    KIND_CODES,
+    POLICY_CODES,
+    SpikeDetector,
+    is_finite,
+    largest_layer_grad_norm,
+)
 from .throughput import flops_per_token, memory_gb, peak_flops
 
 log = logging.getLogger("train")
@@ -73,7 +80,7 @@ class Trainer:
         self.engine, self.optimizer = build_engine(model, cfg, dist, self.precision)
         self.checkpointer.install_safe_loading(self.engine)
         self.spikes = SpikeDetector(cfg.spikes)
-        self.step = self.samples = self.tokens = self.rollbacks = self.skipped = 0
+        self.step = self.samples = self.tokens = self.rollbacks = 0
         self.last_saved: int | None = None
         self.wandb_id = uuid.uuid4().hex[:8]
         self.stop = StopRequest()
@@ -152,6 +159,15 @@ class Trainer:
         self.checkpointer.start(self.engine, self.step, self._state(), mine, consolidated=weights is not None)
         self.last_saved = self.step
 
+    def prepare_saves(self) -> None:
+        """Collective, after this job's first step (the optimizer's states exist then): on a GPU, pin the
+        host buffers of the checkpoints in the background, so the first save does not wait for that."""
+        if not self.checkpointer.pins or not (self.cfg.checkpoint.interval or self.cfg.checkpoint.save_final):
+            return
+        weights = consolidated_state_dict(self.engine.module, self.cfg)
+        mine = weights if self.dist.is_main else None
+        self.checkpointer.prepare(self.engine, mine, consolidated=weights is not None)
+
     def finish_save(self) -> None:
         """Collective: wait for the checkpoint in flight, if any, and commit it."""
         if figures := self.checkpointer.wait():
@@ -170,11 +186,11 @@ class Trainer:
                 f"{self.rollbacks} rollbacks (spikes.max_rollbacks={self.cfg.spikes.max_rollbacks}): "
                 f"the spikes persist; lower optim.lr or inspect the data near step {self.step}"
             )
-        failed_step, count = self.step, self.spikes.count
+        failed_step, counts = self.step, (self.spikes.count, self.spikes.skipped)
         state = read_state(ckpt)  # written by this layout, unless the run resumed on a new one since
         self.checkpointer.load(self.engine, ckpt, optimizer=state.get("world_size") == self.dist.world_size)
         self._set_state(state, data=False)
-        self.spikes.count, self.last_saved = count, self.step
+        (self.spikes.count, self.spikes.skipped), self.last_saved = counts, self.step
         self.metrics.event(
             "rollback", failed_step, **{"rollback/to_step": self.step, "rollback/count": self.rollbacks}
         )
@@ -275,7 +291,8 @@ class Trainer:
             "train/grad_norm": gnorm,
             "train/samples": self.samples,
             "train/tokens": self.tokens,
-            "train/skipped_steps": self.skipped,
+            "spikes/count": self.spikes.count,  # cumulative, so they chart
+            "spikes/skipped": self.spikes.skipped,
         }
         return {**m, **self._moe_metrics(acc)}
 
@@ -296,16 +313,20 @@ class Trainer:
     def _on_spike(self, kind: str, loss: float, threshold, gnorm: float, layer, skipped: bool) -> None:
         policy = self.cfg.spikes.policy
         self.spikes.count += 1
-        self.skipped += int(skipped)
+        self.spikes.skipped += int(skipped)
         rollback = policy == SpikePolicy.rollback and self.checkpointer.latest() is not None
+        action = "rolled_back" if rollback else "skipped" if skipped else "applied"
         fields = {
             "spike/kind": kind,
+            "spike/kind_code": KIND_CODES[kind],
             "spike/loss": loss,
             "spike/threshold": threshold,
             "spike/grad_norm": gnorm,
             "spike/policy": policy.value,
+            "spike/policy_code": POLICY_CODES[policy.value],
             "spike/count": self.spikes.count,
-            "spike/action": "rolled_back" if rollback else "skipped" if skipped else "applied",
+            "spike/action": action,
+            "spike/action_code": ACTION_CODES[action],
         }
         if layer is not None:
             fields["spike/max_layer"], fields["spike/max_layer_grad_norm"] = layer
@@ -347,6 +368,8 @@ class Trainer:
                 m = self.train_step()
                 step_s = time.perf_counter() - t0
             busy, steps = busy + step_s, steps + 1
+            if self.step == first:
+                self.prepare_saves()
             if self.step % cfg.logging.interval == 0 or self.step in (first, tc.max_steps):
                 dt = busy / steps  # time in train steps only (not eval or checkpoints)
                 tps = self.global_batch * cfg.data.seq_len / dt
