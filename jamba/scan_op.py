@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import scan_triton as kern
+from . import scan_triton_bwd as kern_bwd
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, delta_softplus: bool):
         # each segment's incoming adjoint carry: segment-local carries, then a reverse pass over segments
         G = torch.empty_like(hs)
         sdt = torch.empty(b, nseg, d, **f32)
-        kern._bwd_carry_kernel[(b, npd, nseg)](
+        kern_bwd._bwd_carry_kernel[(b, npd, nseg)](
             delta, Af, C, zz, bias, g, G, sdt, L, d, nseg,
             delta.stride(0), delta.stride(1), Af.stride(0), Af.stride(1), C.stride(0), C.stride(1), C.stride(2),
             zz.stride(0), zz.stride(1), g.stride(0), g.stride(1),
@@ -157,7 +158,7 @@ def _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, delta_softplus: bool):
         )  # fmt: skip
         programs = min(items, _resident_programs(u.device))
     scratch = torch.empty(programs, tg.K // tg.T, n, tg.BD, **f32)
-    kern._scan_bwd_kernel[(programs,)](
+    kern_bwd._scan_bwd_kernel[(programs,)](
         u, delta, Af, B, C, Dv, zz, bias, g, hs, scratch, ce, du, ddelta, dz, dAp, dDp, dbp, dBp, dCp,
         L, d, nseg, npd, b,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Af.stride(0), Af.stride(1),

@@ -19,15 +19,14 @@ from train.checkpoint import (
     CheckpointError,
     find_latest,
     resolve,
-    rng_state,
     safe_load,
-    set_rng_state,
     tag_for,
 )
 from train.config import CheckpointConfig, Schedule, ScheduleConfig, SpikeConfig
 from train.distributed import Dist
 from train.optim import SkippableAdamW, clip_grad_norm_, lr_multiplier
 from train.resume import check_compatible, find_checkpoint
+from train.rng import rng_state, set_rng_state
 from train.spikes import SpikeDetector
 
 

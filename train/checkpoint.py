@@ -3,19 +3,20 @@
 Layout of <checkpoint.dir>:
     latest                      tag of the newest complete checkpoint (DeepSpeed's convention), replaced atomically
     step_00000100/
-        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt     DeepSpeed: weights, ZeRO partitions
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt     DeepSpeed: optimizer states (the module
+                                    entry is a marker: every tensor is written once, the weights below)
         rng/rank_00000.pt ...   each rank's RNG states (plain tensors)
-        model_state.safetensors, model_config.json   the whole model for jamba.export and train.eval
-        experts_ep<r>.safetensors   expert parallelism: EP position r's experts (global ids in the metadata);
-                                    each rank reloads its own from these (parallel/checkpoint.py)
+        model_state.safetensors, model_config.json   the whole model: resume, jamba.export and train.eval read it
+        experts_ep<r>.safetensors   only without consolidated weights: EP position r's experts (parallel/checkpoint.py)
         portable/                   checkpoint.portable=true: full fp32 masters + Adam moments per parameter
                                     (experts per EP position), for a resume on another world / EP size
         trainer_state.json      step, samples, data-loader state, W&B run id, resolved config, param shapes
 
-Commit protocol: every rank writes its files, all ranks meet at a barrier, then rank 0 fsyncs the directory,
+Saves are asynchronous (train/checkpoint_writer.py): the loop waits for a host copy, a thread writes. Commit: each
+rank's "written" flag joins a step's all-reduce; once every rank's files are written, rank 0 fsyncs the directory,
 writes trainer_state.json (tmp + rename) and only then points `latest` at it (tmp + rename). A checkpoint is
-complete iff it holds trainer_state.json, so a process killed at any moment of a save leaves `latest` on
-the previous complete checkpoint; the partial directory is ignored on resume and removed by the next save.
+complete iff it holds trainer_state.json, so a process killed at any moment of a save leaves `latest` on the
+previous complete checkpoint; the partial directory is ignored on resume and removed by the next save.
 """
 
 from __future__ import annotations
@@ -24,19 +25,18 @@ import importlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from parallel.zero import SAFE_GLOBALS
 
 from .config import CheckpointConfig, FaultConfig
 from .distributed import Dist, all_reduce_, barrier
+from .rng import rng_state, set_rng_state
 
 log = logging.getLogger("train.checkpoint")
 STATE_FILE = "trainer_state.json"
@@ -147,40 +147,6 @@ def safe_load(path: str | Path, map_location=None):
                 f"{path} holds objects outside the weights_only allow-list ({e}). If you trust "
                 f"this checkpoint, set checkpoint.weights_only=false"
             ) from None
-
-
-# ---- RNG states: plain tensors and numbers -------------------------------------------------------------
-def rng_state(device: torch.device) -> dict:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
-        "python": torch.tensor(py_state[1], dtype=torch.int64),
-        "python_version": int(py_state[0]),
-        "python_gauss": py_state[2],
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(
-        (
-            "MT19937",
-            state["numpy"].numpy().astype(np.uint32),
-            state["numpy_pos"],
-            state["numpy_gauss"][0],
-            state["numpy_gauss"][1],
-        )
-    )
-    random.setstate((state["python_version"], tuple(int(x) for x in state["python"]), state["python_gauss"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class Checkpointer:
