@@ -63,6 +63,14 @@ def tiling(monkeypatch):
         (4, True, True, True, True, dict(BD=4, T_fwd=2, T=2, K=4, split=1)),
         (4, True, True, True, True, dict(BD=4, T_fwd=4, T=2, K=8, split=1, split_bwd=1)),
         (16, False, True, False, True, dict(BD=8, T_fwd=2, T=2, K=4, split=0, split_bwd=1)),
+        (
+            16,
+            True,
+            False,
+            True,
+            True,
+            dict(BD=8, T_fwd=8, T=4, K=16, split=0, split_bwd=-1),
+        ),  # 2x1 programs: split
     ],
 )
 def test_triton_scan_matches_reference(tiling, n, z, D, bias, softplus, tile):
