@@ -172,7 +172,7 @@ def _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, delta_softplus: bool):
         HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, SPLIT=split, num_warps=tg.num_warps,
     )  # fmt: skip
     # the partial sums, reduced in a fixed order (deterministic)
-    dA = dAp.sum((0, 1)).t().to(A.dtype)
+    dA = dAp.sum((0, 1)).t().contiguous().to(A.dtype)  # the fake kernel (and Inductor) expect contiguous
     dB = dBp.sum(1).to(B.dtype)  # [b, L, n]
     dC = dCp.sum(1).to(C.dtype)
     dD = dDp.sum((0, 1)) if D is not None else dDp.new_empty(0)

@@ -109,6 +109,23 @@ def test_triton_scan_op_registration():
     )
 
 
+def test_triton_scan_bwd_fake_matches_real():
+    # Inductor asserts each output's strides against the fake kernel's: a transposed dA once failed the compiled
+    # model's backward on the GPU ("expected ... stride 1==16") while aot_eager passed
+    ins = [t.detach() for t in _inputs(2, 6, 9, 4)]
+    u, delta, A, B, C, D, z, bias = ins
+    y, hs = scan_op._scan_op(u, delta, A, B, C, D, z, bias, True)
+    torch.library.opcheck(
+        scan_op._scan_bwd_op,
+        (torch.randn_like(y), u, delta, A, B, C, D, z, bias, hs, True),
+        test_utils=("test_faketensor",),
+    )
+    real = scan_op._scan_bwd_op(torch.randn_like(y), u, delta, A, B, C, D, z, bias, hs, True)
+    fake = scan_op._scan_bwd_fake(torch.randn_like(y), u, delta, A, B, C, D, z, bias, hs, True)
+    for r, f in zip(real, fake, strict=True):
+        assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
+
+
 def test_triton_scan_mixer_compiles_fullgraph(tiling):
     # the op is traced, not a graph break: a whole Mamba mixer compiles with fullgraph=True and equals eager
     from jamba.config import JambaConfig
