@@ -50,6 +50,17 @@ def resolve_device(pcfg: ParallelConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def set_ds_accelerator(device: torch.device) -> None:
+    """DeepSpeed's accelerator for our device. A DS_ACCELERATOR=cpu inherited on a GPU run (e.g. from a CPU
+    test's environment) would keep DeepSpeed's tensors on the CPU and fail its first NCCL broadcast with "No
+    backend type associated with device type cpu": the GPU wins, with a warning."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    elif os.environ.get("DS_ACCELERATOR") == "cpu":
+        log.warning("DS_ACCELERATOR=cpu in the environment of a GPU run: DeepSpeed uses cuda")
+        os.environ["DS_ACCELERATOR"] = "cuda"
+
+
 def init(pcfg: ParallelConfig) -> Dist:
     """Join (or, alone, create) the default process group through DeepSpeed, which needs it anyway."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -59,9 +70,8 @@ def init(pcfg: ParallelConfig) -> Dist:
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
         )
     device = resolve_device(pcfg, local_rank)
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
-    else:
+    set_ds_accelerator(device)  # before deepspeed is imported
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
         if arch:  # "9.0a" (arch-specific suffix) makes deepspeed.initialize fail parsing it as an int
