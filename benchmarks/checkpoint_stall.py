@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--preset", default="debug")
     ap.add_argument("--out", default="/tmp/checkpoint_stall")
     ap.add_argument("--no-prepare", action="store_true", help="no pinning ahead: the first save pins")
+    ap.add_argument("--no-sync", action="store_true", help="leave out the old synchronous save (its minute)")
+    ap.add_argument("--saves", type=int, default=2, help="async saves: the first, then ones reusing buffers")
     ap.add_argument(
         "overrides", nargs="*", help="more train overrides (default on CPU: a larger debug model)"
     )
@@ -78,16 +80,17 @@ def main() -> None:
     def size(d: Path) -> float:
         return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 1e9
 
-    # the old path: DeepSpeed's own torch.save engine (module + optimizer), then the safetensors weights
-    t0 = time.perf_counter()
-    engine.save_checkpoint(str(out / "sync"), tag="step_00000001", save_latest=False)
-    weights = consolidated_state_dict(engine.module, cfg)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(out / "sync" / "w.safetensors")
-    )
-    stall = time.perf_counter() - t0
-    rows.append(("sync (before)", stall, stall, size(out / "sync")))
-    shutil.rmtree(out / "sync")
+    if not args.no_sync:  # the old path: DeepSpeed's own torch.save engine, then the safetensors weights
+        t0 = time.perf_counter()
+        engine.save_checkpoint(str(out / "sync"), tag="step_00000001", save_latest=False)
+        weights = consolidated_state_dict(engine.module, cfg)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in weights.items()},
+            str(out / "sync" / "w.safetensors"),
+        )
+        stall = time.perf_counter() - t0
+        rows.append(("sync (before)", stall, stall, size(out / "sync")))
+        shutil.rmtree(out / "sync")
 
     ck = Checkpointer(cfg.checkpoint.__class__(dir=str(out / "async")), dist)
     ck.install_safe_loading(engine)
@@ -106,7 +109,8 @@ def main() -> None:
             f"{len(during)}, {sum(during) / max(1, len(during)):.3f}s each (alone: {sum(alone) / 3:.3f}s)"
         )
     first = "async, first save" + (" (pinned ahead)" if ck.pins and not args.no_prepare else "")
-    for i, name in enumerate((first, "async, next save (buffers reused)")):
+    names = [first] + ["async, next save (buffers reused)"] * (args.saves - 1)
+    for i, name in enumerate(names):
         ck.start(engine, i + 1, state, consolidated_state_dict(engine.module, cfg))
         stall = ck.stall_s
         figures = ck.wait()
