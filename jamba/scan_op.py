@@ -15,12 +15,14 @@ from . import scan_triton_bwd as kern_bwd
 
 @dataclass(frozen=True)
 class ScanTiling:
-    """A program holds BD channels (one a lane); the forward moves T_fwd-step tiles, the backward T-step tiles
-    and T states in registers; a state is saved every K steps (K/T chunk states in the backward's scratch)."""
+    """A backward program holds BD channels, a forward one BD_fwd; the forward moves T_fwd-step tiles, the
+    backward T-step tiles and T states in registers; a state is saved every K steps (K/T chunk states in the
+    backward's scratch)."""
 
     BD: int = 16
+    BD_fwd: int = 64
     num_warps: int = 1
-    T_fwd: int = 8
+    T_fwd: int = 4
     T: int = 4
     K: int = 128
     stages: int = 1  # software pipelining of each chunk loop (tl.range num_stages): loads issued ahead
@@ -31,7 +33,7 @@ class ScanTiling:
     split_bwd: int = -1
 
     def __post_init__(self) -> None:
-        for f in ("BD", "T_fwd", "T", "K"):
+        for f in ("BD", "BD_fwd", "T_fwd", "T", "K"):
             v = getattr(self, f)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"ScanTiling.{f} must be a power of two, got {v}")
@@ -40,7 +42,7 @@ class ScanTiling:
 
 
 # Chosen from benchmarks/gpu_scan.py on an H200 (see benchmarks/results/); tests override it.
-TILING: dict[str, ScanTiling] = {"cuda": ScanTiling(), "cpu": ScanTiling(BD=4, T_fwd=4, T=4, K=8)}
+TILING: dict[str, ScanTiling] = {"cuda": ScanTiling(), "cpu": ScanTiling(BD=4, BD_fwd=4, T_fwd=4, T=4, K=8)}
 
 
 def tiling_for(device: torch.device) -> ScanTiling:
@@ -81,14 +83,14 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool):
     nseg = _nseg(L, tg)
     y = torch.empty(b, d, L, device=u.device, dtype=u.dtype)
     hs = torch.empty(b, nseg, n, d, device=u.device, dtype=torch.float32)
-    npd = triton_cdiv(d, tg.BD)
+    npd = triton_cdiv(d, tg.BD_fwd)
 
     def run(mode: int, grid: tuple, hl: torch.Tensor, sdt: torch.Tensor) -> None:
         kern._scan_fwd_kernel[grid](
             u, delta, A, B, C, Dv, zz, bias, y, hs, hl, sdt, L, d, nseg,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
             B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), zz.stride(0),
-            zz.stride(1), N=n, BD=tg.BD, T=tg.T_fwd, K=tg.K, STAGES=tg.stages, HAS_D=D is not None,
+            zz.stride(1), N=n, BD=tg.BD_fwd, T=tg.T_fwd, K=tg.K, STAGES=tg.stages, HAS_D=D is not None,
             HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, MODE=mode,
             num_warps=tg.num_warps,
         )  # fmt: skip
@@ -108,7 +110,7 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool):
             A.stride(0),
             A.stride(1),
             N=n,
-            BD=tg.BD,
+            BD=tg.BD_fwd,
             REVERSE=False,
             num_warps=tg.num_warps,
         )
