@@ -221,44 +221,71 @@ def write_manifest(a: argparse.Namespace, variants: list[Variant]) -> Path:
 
 
 def run_local(
-    variants: list[Variant], nproc: int, show_output: bool, timeout: float | None
+    variants: list[Variant], nproc: int, show_output: bool, timeout: float | None, jobs: int = 1
 ) -> dict[str, int]:
-    """One run after another; each run's console output goes to <run_dir>/console.log."""
-    results = {}
+    """Runs on this machine, `jobs` at a time (several small runs share one large GPU), each stopped at
+    its own `timeout`; each run's console output goes to <run_dir>/console.log."""
+    results: dict[str, int] = {}
+    total = len(variants)
+    pending = []
     for i, v in enumerate(variants, 1):
         if v.status == "done":
-            print(f"[{i}/{len(variants)}] {v.name}: done at step {v.step}, skipped", flush=True)
-            continue
-        what = f"resuming from step {v.step}" if v.status == "partial" else "starting"
-        print(f"[{i}/{len(variants)}] {v.name} ({v.pattern}): {what}", flush=True)
-        v.run_dir.mkdir(parents=True, exist_ok=True)
-        t0 = time.monotonic()
-        with open(v.run_dir / "console.log", "a") as log:
-            p = subprocess.Popen(
-                local_command(nproc, v.overrides),
-                stdout=None if show_output else log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            try:
-                rc = p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _terminate(p)  # train saves a checkpoint and stops: the next invocation resumes it
-                p.wait()
-                rc = TIMED_OUT
-            except KeyboardInterrupt:
-                _terminate(p)
-                p.wait()
-                raise
-        results[v.name] = rc
-        status = (
-            "ok"
-            if rc == 0
-            else f"stopped at --timeout {timeout:g}s (the same command resumes it)"
-            if rc == TIMED_OUT
-            else f"FAILED (exit {rc}; see {v.run_dir / 'console.log'})"
-        )
-        print(f"[{i}/{len(variants)}] {v.name}: {status} in {time.monotonic() - t0:.0f}s", flush=True)
+            print(f"[{i}/{total}] {v.name}: done at step {v.step}, skipped", flush=True)
+        else:
+            pending.append((i, v))
+    running: list[tuple[int, Variant, subprocess.Popen, float]] = []
+
+    def _on_term(signum, frame):  # timeout(1) or a scheduler stopping the sweep: stop its runs too
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _on_term)
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, jobs):
+                i, v = pending.pop(0)
+                what = f"resuming from step {v.step}" if v.status == "partial" else "starting"
+                print(f"[{i}/{total}] {v.name} ({v.pattern}): {what}", flush=True)
+                v.run_dir.mkdir(parents=True, exist_ok=True)
+                with open(v.run_dir / "console.log", "a") as log:  # the child keeps its own descriptor
+                    p = subprocess.Popen(
+                        local_command(nproc, v.overrides),
+                        stdout=None if show_output else log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                running.append((i, v, p, time.monotonic()))
+            for entry in list(running):
+                i, v, p, t0 = entry
+                rc = p.poll()
+                if rc is None and timeout is not None and time.monotonic() - t0 > timeout:
+                    _terminate(p)  # train saves a checkpoint and stops: the next invocation resumes it
+                    p.wait()
+                    rc = TIMED_OUT
+                if rc is None:
+                    continue
+                running.remove(entry)
+                results[v.name] = rc
+                status = (
+                    "ok"
+                    if rc == 0
+                    else f"stopped at --timeout {timeout:g}s (the same command resumes it)"
+                    if rc == TIMED_OUT
+                    else f"FAILED (exit {rc}; see {v.run_dir / 'console.log'})"
+                )
+                print(f"[{i}/{total}] {v.name}: {status} in {time.monotonic() - t0:.0f}s", flush=True)
+            if running:
+                try:
+                    running[0][2].wait(0.2)  # wakes at once when the oldest run ends
+                except subprocess.TimeoutExpired:
+                    pass
+    except KeyboardInterrupt:
+        for _, _, p, _ in running:
+            _terminate(p)
+        for _, _, p, _ in running:
+            p.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return results
 
 
@@ -336,6 +363,9 @@ def parser() -> argparse.ArgumentParser:
         "(default: ablation-debug for --preset debug, else ablation; '' for none)",
     )
     p.add_argument("--nproc", type=int, default=1, help="processes per run on this machine")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time on this machine (small runs sharing one GPU)"
+    )
     p.add_argument("--root", default="runs")
     p.add_argument(
         "--timeout", type=float, help="seconds per run; then it is stopped (and resumes next time)"
@@ -365,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if named:
         a.overrides = [*SWEEPS[named].overrides, *a.overrides]
+    if a.jobs < 1:
+        print(f"error: --jobs must be at least 1, got {a.jobs}", file=sys.stderr)
+        return 2
     if a.experiment is None:
         a.experiment = "ablation-debug" if a.preset == "debug" else "ablation"
     try:
@@ -393,7 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         except BlockingIOError:
             print(f"error: another sweep is running in {manifest.parent}", file=sys.stderr)
             return 2
-        results = run_local(variants, a.nproc, a.show_output, a.timeout)
+        try:
+            results = run_local(variants, a.nproc, a.show_output, a.timeout, a.jobs)
+        except KeyboardInterrupt:
+            print("sweep stopped (its runs saved and stopped); the same command resumes it", file=sys.stderr)
+            return 130
     failed = [n for n, rc in results.items() if rc != 0]
     if failed:
         print(f"failed: {', '.join(failed)} (rerun the same command to retry; finished runs are skipped)")

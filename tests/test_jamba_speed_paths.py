@@ -59,7 +59,9 @@ def test_compiled_layers_match_eager_and_keep_names():
 @pytest.mark.gpu
 def test_compiled_layers_match_eager_gpu():
     torch._dynamo.reset()
-    cfg = tiny(hidden_size=64, intermediate_size=128, activation_checkpointing="mamba")
+    # every token to all 4 experts: under bf16 a top-2 choice flips for a few tokens, differently in eager and
+    # compiled, and moves those experts' gradients by more than rounding (measured on an H200, session 6)
+    cfg = tiny(hidden_size=64, intermediate_size=128, activation_checkpointing="mamba", num_experts_per_tok=4)
     ref, eager = _pair(cfg, cfg, device="cuda")
     compiled = JambaForCausalLM(cfg, seed=0).cuda()
     compiled.load_state_dict(ref.state_dict())
