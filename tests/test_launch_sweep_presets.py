@@ -123,9 +123,10 @@ def test_a_stopped_sweep_stops_its_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(
         sweep.subprocess, "Popen", lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1]
     )
+    before = signal.getsignal(signal.SIGTERM)
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
     v = sweep.Variant("a", "attn", False, "*", [], tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
         sweep.run_local([v], 1, False, None)
     assert len(started) == 1 and started[0].poll() is not None, "the run outlived its sweep"
-    assert signal.getsignal(signal.SIGTERM) is not None
+    assert signal.getsignal(signal.SIGTERM) is before  # the sweep's handler is gone again
