@@ -10,7 +10,9 @@ Implementations (--which):
                 groups, ZeRO stage 0 (one rank: nothing to partition; see parallel.zero.effective_zero_stage);
   ours-compile  the same with torch.compile of every decoder layer: the trainer's default on a GPU;
   ...-z1        (suffix) ZeRO-1 instead of stage 0, which keeps a second fp32 copy of the weights;
-  ...-bf16      (suffix) hf's recipe (DeepSpeed bf16 mode) for our model, to separate model from recipe.
+  ...-bf16      (suffix) hf's recipe (DeepSpeed bf16 mode) for our model, to separate model from recipe;
+  ...-det       (suffix) trainer.deterministic=true: torch's deterministic algorithms, our Triton scan (auto),
+                PyTorch's conv (train/build.py set_deterministic), to measure what bitwise repeatability costs.
 All: torch fused AdamW (client optimizer, so no JIT build), clipping 1.0, the same weights and batches.
 A spec ending in :ckpt turns on full activation checkpointing; :key=value sets a runtime field of our model
 (e.g. :ff_chunk_size=16384 or :residual_in_fp32=false). Checks that the step-0 losses agree (1e-2 relative),
@@ -180,6 +182,10 @@ def measure(spec: str, which: str, steps: int) -> dict:
     extra = dict(kv.split("=") for kv in rest if "=" in kv)
     if extra and which.startswith("ours"):
         cfg = cfg.replace(**{k: _value(v) for k, v in extra.items()})
+    if "det" in flags(which):  # before cuBLAS starts and our model is built (it picks the scan, conv kernels)
+        from train.build import set_deterministic
+
+        set_deterministic(True)
     sd = None
     if which.startswith("ours"):  # the same weights as transformers' model: same seed, same init, then copied
         ref = build_hf(cfg, False)

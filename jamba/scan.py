@@ -53,6 +53,9 @@ def scan_backend_problem(name: str, device_type: str) -> str | None:
         return f"unknown scan backend {name!r} (choose from {'|'.join(SCAN_BACKENDS)})"
     if name == "mamba_ssm" and (_mamba_scan is None or device_type != "cuda"):
         return "mamba_ssm needs the mamba-ssm package and a CUDA device"
+    if name == "mamba_ssm" and torch.are_deterministic_algorithms_enabled():
+        # dB, dC, dA, dD and d_delta_bias are summed with float atomicAdd (state-spaces/mamba #493)
+        return "mamba-ssm's scan backward is not deterministic (deterministic algorithms are on): use triton"
     if name == "triton":
         if _triton_scan() is None:
             return "triton is not installed"
@@ -269,7 +272,15 @@ def causal_conv1d_ref(
     return F.silu(y) if activation else y
 
 
+def conv_backend(x: torch.Tensor, use_kernel: bool = True) -> str:
+    """causal-conv1d's kernel on CUDA, except with deterministic algorithms on (its weight gradient is summed
+    over the batch with atomicAdd); else PyTorch's conv1d."""
+    if use_kernel and _cc1d is not None and x.is_cuda and not torch.are_deterministic_algorithms_enabled():
+        return "causal_conv1d"
+    return "torch"
+
+
 def causal_conv1d(x, weight, bias, use_kernel: bool = True) -> torch.Tensor:
-    if use_kernel and _cc1d is not None and x.is_cuda:
+    if conv_backend(x, use_kernel) == "causal_conv1d":
         return _cc1d(x, weight, bias, activation="silu")
     return causal_conv1d_ref(x, weight, bias)

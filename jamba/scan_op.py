@@ -33,6 +33,9 @@ class ScanTiling:
     # the (batch, channel block) programs fill at most half the GPU's slots (H200: 1x4096x32768 13.6 ms split
     # vs 29.7 not; 4x4096x4096 6.7 vs 6.1: the extra passes cost more than the parallelism gives there)
     split_bwd: int = -1
+    # 1: with z, the forward also writes y before the gate (in u's dtype, as mamba-ssm keeps its `out`) and the
+    # backward reads it instead of summing h * C over the states again for dz
+    save_y: int = 1
 
     def __post_init__(self) -> None:
         for f in ("BD", "BD_fwd", "T_fwd", "T", "K"):
@@ -85,17 +88,19 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool):
     zz = z if z is not None else u
     nseg = _nseg(L, tg)
     y = torch.empty(b, d, L, device=u.device, dtype=u.dtype)
+    save_y = bool(tg.save_y) and z is not None
+    yp = torch.empty(b, d, L, device=u.device, dtype=u.dtype) if save_y else u.new_empty(0)
     hs = torch.empty(b, nseg, n, d, device=u.device, dtype=torch.float32)
     npd = triton_cdiv(d, tg.BD_fwd)
 
     def run(mode: int, grid: tuple, hl: torch.Tensor, sdt: torch.Tensor) -> None:
         kern._scan_fwd_kernel[grid](
-            u, delta, A, B, C, Dv, zz, bias, y, hs, hl, sdt, L, d, nseg,
+            u, delta, A, B, C, Dv, zz, bias, y, yp, hs, hl, sdt, L, d, nseg,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
             B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), zz.stride(0),
             zz.stride(1), N=n, BD=tg.BD_fwd, T=tg.T_fwd, K=tg.K, STAGES=tg.stages, HAS_D=D is not None,
             HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, MODE=mode,
-            num_warps=tg.num_warps,
+            SAVE_Y=save_y, num_warps=tg.num_warps,
         )  # fmt: skip
 
     if tg.split and nseg > 1:
@@ -120,10 +125,10 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool):
         run(2, (b, npd, nseg), hl, sdt)
     else:
         run(0, (b, npd, 1), hs, hs)
-    return y, hs
+    return y, hs, yp
 
 
-def _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, delta_softplus: bool):
+def _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, yp, delta_softplus: bool):
     b, d, L = u.shape
     n = A.shape[1]
     tg = tiling_for(u.device)
@@ -168,13 +173,14 @@ def _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, delta_softplus: bool):
         programs = min(items, _resident_programs(u.device))
     scratch = torch.empty(programs, tg.K // tg.T, n, tg.BD, **f32)
     kern_bwd._scan_bwd_kernel[(programs,)](
-        u, delta, Af, B, C, Dv, zz, bias, g, hs, scratch, ce, du, ddelta, dz, dAp, dDp, dbp, dBp, dCp,
+        u, delta, Af, B, C, Dv, zz, bias, g, yp, hs, scratch, ce, du, ddelta, dz, dAp, dDp, dbp, dBp, dCp,
         L, d, nseg, npd, b,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Af.stride(0), Af.stride(1),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), zz.stride(0), zz.stride(1),
         g.stride(0), g.stride(1),
         N=n, BD=tg.BD, T=tg.T, K=tg.K, STAGES=tg.stages, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, SPLIT=split, num_warps=tg.num_warps,
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, SPLIT=split, SAVE_Y=yp.numel() > 0,
+        num_warps=tg.num_warps,
     )  # fmt: skip
     # the partial sums, reduced in a fixed order (deterministic)
     dA = dAp.sum((0, 1)).t().contiguous().to(A.dtype)  # the fake kernel (and Inductor) expect contiguous
@@ -208,15 +214,16 @@ def _scan_op(
     z: torch.Tensor | None,
     delta_bias: torch.Tensor | None,
     delta_softplus: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 @_scan_op.register_fake
 def _scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     b, d, L = u.shape
-    nseg = _nseg(L, tiling_for(u.device))
-    return u.new_empty(b, d, L), u.new_empty(b, nseg, A.shape[1], d, dtype=torch.float32)
+    tg = tiling_for(u.device)
+    yp = u.new_empty(b, d, L) if tg.save_y and z is not None else u.new_empty(0)
+    return u.new_empty(b, d, L), u.new_empty(b, _nseg(L, tg), A.shape[1], d, dtype=torch.float32), yp
 
 
 @torch.library.custom_op("jamba::selective_scan_bwd", mutates_args=())
@@ -231,6 +238,7 @@ def _scan_bwd_op(
     z: torch.Tensor | None,
     delta_bias: torch.Tensor | None,
     hs: torch.Tensor,
+    yp: torch.Tensor,
     delta_softplus: bool,
 ) -> tuple[
     torch.Tensor,
@@ -242,11 +250,11 @@ def _scan_bwd_op(
     torch.Tensor,
     torch.Tensor,
 ]:
-    return _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, delta_softplus)
+    return _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, yp, delta_softplus)
 
 
 @_scan_bwd_op.register_fake
-def _scan_bwd_fake(g, u, delta, A, B, C, D, z, delta_bias, hs, delta_softplus):
+def _scan_bwd_fake(g, u, delta, A, B, C, D, z, delta_bias, hs, yp, delta_softplus):
     b, d, L = u.shape
     n = A.shape[1]
     e = u.new_empty(0, dtype=torch.float32)
@@ -264,15 +272,15 @@ def _scan_bwd_fake(g, u, delta, A, B, C, D, z, delta_bias, hs, delta_softplus):
 
 def _setup(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], output[2])
     ctx.delta_softplus = delta_softplus
     ctx.has = (D is not None, z is not None, delta_bias is not None)
 
 
-def _backward(ctx, gy, _ghs):
-    u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
+def _backward(ctx, gy, _ghs, _gyp):
+    u, delta, A, B, C, D, z, delta_bias, hs, yp = ctx.saved_tensors
     du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd_op(
-        gy, u, delta, A, B, C, D, z, delta_bias, hs, ctx.delta_softplus
+        gy, u, delta, A, B, C, D, z, delta_bias, hs, yp, ctx.delta_softplus
     )
     has_d, has_z, has_bias = ctx.has
     return (

@@ -79,6 +79,7 @@ def _scan_fwd_kernel(
     z_ptr,
     bias_ptr,
     y_ptr,
+    yp_ptr,
     hs_ptr,
     hl_ptr,
     sdt_ptr,
@@ -109,6 +110,7 @@ def _scan_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     MODE: tl.constexpr,
+    SAVE_Y: tl.constexpr,
 ):
     # u, delta, z, y: time is the unit-stride axis; y is contiguous [b, d, L]. The forward's tiles are [T, BD]
     # (time first) and its states [N, BD]: Triton gives both one layout (a thread holds all N states of its
@@ -126,6 +128,7 @@ def _scan_fwd_kernel(
     dl_p = dl_ptr + pid_b * s_db + d * s_dd
     z_p = z_ptr + pid_b * s_zb + d * s_zd
     y_p = y_ptr + (pid_b * DM + d) * L
+    yp_p = yp_ptr + (pid_b * DM + d) * L  # y before the gate, for the backward (SAVE_Y, with z)
     B_p = B_ptr + pid_b * s_Bb + n * s_Bn
     C_p = C_ptr + pid_b * s_Cb + n * s_Cn
     hs_p = hs_ptr + pid_b * NSEG * N * DM + n * DM + d
@@ -160,6 +163,8 @@ def _scan_fwd_kernel(
                 if HAS_D:
                     y_tile += Dv * u_tile
                 if HAS_Z:
+                    if SAVE_Y:
+                        tl.store(yp_p + t0 + tt, y_tile.to(yp_ptr.dtype.element_ty), mask=m)
                     z_tile = tl.load(z_p + t0 + tt, mask=m, other=0.0).to(tl.float32)
                     y_tile *= z_tile * tl.sigmoid(z_tile)
                 tl.store(y_p + t0 + tt, y_tile.to(y_ptr.dtype.element_ty), mask=m)

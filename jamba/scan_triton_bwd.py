@@ -19,6 +19,7 @@ def _scan_bwd_kernel(
     z_ptr,
     bias_ptr,
     g_ptr,
+    yp_ptr,
     hs_ptr,
     sc_ptr,
     ce_ptr,
@@ -61,6 +62,7 @@ def _scan_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     SPLIT: tl.constexpr,
+    SAVE_Y: tl.constexpr,
 ):
     # du, ddelta, dz: contiguous [b, d, L]; dAp [b, NS, N, d]; dDp, dbp [b, NS, d]; dBp, dCp [b, NP, L, N].
     # Work items: (batch, channel block) walking every segment backwards with the adjoint carried along
@@ -133,17 +135,19 @@ def _scan_bwd_kernel(
                 for i in tl.static_range(T):
                     t = t0 + i
                     B_t = tl.load(B_p + t * s_Bl, mask=t < L, other=0.0).to(tl.float32)
-                    C_t = tl.load(C_p + t * s_Cl, mask=t < L, other=0.0).to(tl.float32)
                     dt = _col(dt_tile, tt, i)
                     a = tl.exp2(dt * A2)
                     h = a * h + (dt * _col(u_tile, tt, i)) * B_t
                     hs = hs + (h,)
                     As = As + (a,)
-                    if HAS_Z:
+                    if HAS_Z and not SAVE_Y:
+                        C_t = tl.load(C_p + t * s_Cl, mask=t < L, other=0.0).to(tl.float32)
                         y_tile = _put(y_tile, tt, i, tl.sum(h * C_t, axis=0))
                 if HAS_Z:
                     z_tile = tl.load(z_p + t0 + tt, mask=m, other=0.0).to(tl.float32)
-                    if HAS_D:
+                    if SAVE_Y:  # the forward's y before the gate: no sum over the states here
+                        y_tile = tl.load(yp_ptr + o_p + t0 + tt, mask=m, other=0.0).to(tl.float32)
+                    elif HAS_D:
                         y_tile += Dv * u_tile
                     sz = tl.sigmoid(z_tile)
                     dz_tile = g_tile * y_tile * sz * (1.0 + z_tile * (1.0 - sz))

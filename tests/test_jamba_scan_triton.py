@@ -60,6 +60,8 @@ def tiling(monkeypatch):
         (16, True, True, True, True, dict(BD=4, BD_fwd=2, T_fwd=2, T=2, K=4)),
         (4, False, False, False, False, dict(BD=2, BD_fwd=8, T_fwd=4, T=2, K=8)),
         (16, True, False, True, True, dict(BD=8, BD_fwd=4, T_fwd=8, T=4, K=16)),
+        (4, True, True, True, True, dict(BD=4, BD_fwd=4, T_fwd=4, T=2, K=8, save_y=0)),  # y recomputed
+        (16, True, False, True, True, dict(BD=8, BD_fwd=4, T_fwd=8, T=4, K=16, save_y=0)),
         (4, True, True, True, True, dict(BD=4, BD_fwd=4, T_fwd=2, T=2, K=4, split=1)),
         (4, True, True, True, True, dict(BD=4, T_fwd=4, T=2, K=8, split=1, split_bwd=1)),
         (16, False, True, False, True, dict(BD=8, T_fwd=2, T=2, K=4, split=0, split_bwd=1)),
@@ -114,14 +116,15 @@ def test_triton_scan_bwd_fake_matches_real():
     # model's backward on the GPU ("expected ... stride 1==16") while aot_eager passed
     ins = [t.detach() for t in _inputs(2, 6, 9, 4)]
     u, delta, A, B, C, D, z, bias = ins
-    y, hs = scan_op._scan_op(u, delta, A, B, C, D, z, bias, True)
+    y, hs, yp = scan_op._scan_op(u, delta, A, B, C, D, z, bias, True)
+    assert yp.shape == y.shape  # saved for the backward (with z)
     torch.library.opcheck(
         scan_op._scan_bwd_op,
-        (torch.randn_like(y), u, delta, A, B, C, D, z, bias, hs, True),
+        (torch.randn_like(y), u, delta, A, B, C, D, z, bias, hs, yp, True),
         test_utils=("test_faketensor",),
     )
-    real = scan_op._scan_bwd_op(torch.randn_like(y), u, delta, A, B, C, D, z, bias, hs, True)
-    fake = scan_op._scan_bwd_fake(torch.randn_like(y), u, delta, A, B, C, D, z, bias, hs, True)
+    real = scan_op._scan_bwd_op(torch.randn_like(y), u, delta, A, B, C, D, z, bias, hs, yp, True)
+    fake = scan_op._scan_bwd_fake(torch.randn_like(y), u, delta, A, B, C, D, z, bias, hs, yp, True)
     for r, f in zip(real, fake, strict=True):
         assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
 
@@ -160,6 +163,30 @@ def test_scan_backend_choice():
 
     with pytest.raises(ValueError, match="JambaConfig.scan_backend"):
         JambaConfig(scan_backend="fast")
+
+
+def test_deterministic_algorithms_avoid_the_kernels_that_sum_with_atomics(monkeypatch):
+    """trainer.deterministic turns torch's deterministic algorithms on before the model is built: auto then
+    takes our scan over mamba-ssm's, an explicit mamba_ssm is an error, the conv falls back to PyTorch's."""
+    from types import SimpleNamespace
+
+    from jamba import scan
+
+    monkeypatch.setattr(scan, "_mamba_scan", lambda *a, **k: None)  # as if mamba-ssm were installed
+    monkeypatch.setattr(scan, "_cc1d", lambda *a, **k: None)
+    monkeypatch.setattr(scan, "_INTERPRET", True)
+    on_gpu = SimpleNamespace(is_cuda=True)
+    assert resolve_scan_backend("auto", "cuda") == "mamba_ssm"
+    assert scan.conv_backend(on_gpu) == "causal_conv1d"
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert resolve_scan_backend("auto", "cuda") == "triton"
+        with pytest.raises(ValueError, match="mamba_ssm: mamba-ssm's scan backward is not deterministic"):
+            resolve_scan_backend("mamba_ssm", "cuda")
+        assert scan.conv_backend(on_gpu) == "torch"
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def test_scan_tiling_is_checked():

@@ -118,6 +118,12 @@ def test_expert_parallel_size_must_divide_the_experts():
     assert to_config(load("parallel.expert_parallel_size=2", "model.num_experts=4")).model.num_experts == 4
 
 
+def test_deterministic_refuses_mamba_ssms_scan():
+    with pytest.raises(ConfigError, match="^trainer.deterministic: needs a deterministic scan"):
+        to_config(load("trainer.deterministic=true", "model.scan_backend=mamba_ssm"))
+    assert to_config(load("trainer.deterministic=true")).trainer.deterministic
+
+
 @pytest.mark.parametrize(
     "override, want",
     [

@@ -16,6 +16,7 @@ from torch import nn
 from data import DataConfig, DataError, TokenLoader, ensure_builtin_corpus
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.hf_compat import to_hf_state_dict
+from jamba.scan import conv_backend
 from parallel.zero import deepspeed_config, effective_zero_stage, skip_single_rank_allreduce
 
 from .config import Config, ConfigError, Precision, WandbMode, build_model_config
@@ -77,6 +78,30 @@ def build_model(
             f"{cfg.data.path}; set model.vocab_size={padded_vocab_size(data_vocab_size)} or leave it unset"
         )
     return model_cfg, JambaForCausalLM(model_cfg, seed=cfg.trainer.seed)
+
+
+def set_deterministic(on: bool) -> bool:
+    """trainer.deterministic: torch's deterministic algorithms (an op without one raises), cuBLAS's fixed
+    workspaces, no cuDNN autotuning. Must run before the model is built (it picks the scan and conv kernels).
+    Returns the previous setting, for Trainer.close to restore."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS makes its handle
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    return before
+
+
+def log_kernels(model: JambaForCausalLM, device: torch.device) -> None:
+    """The kernels this run takes, chosen once when the model was built (jamba/scan.py)."""
+    scans = sorted({m.scan_backend for m in model.modules() if hasattr(m, "scan_backend")})
+    conv = conv_backend(torch.empty(0, device=device), model.config.use_kernels)
+    log.info(
+        "kernels: selective scan %s, causal conv %s, deterministic algorithms %s",
+        "/".join(scans) or "none (no Mamba layers)",
+        conv if scans else "none",
+        "on" if torch.are_deterministic_algorithms_enabled() else "off",
+    )
 
 
 def maybe_compile(model: JambaForCausalLM, cfg: Config, dist: Dist) -> bool:

@@ -263,6 +263,9 @@ class TrainerConfig:
     seed: int = 1234  # model init (same on every rank) and torch RNG (seed + rank)
     eval_interval: int = 100  # steps between validation passes; 0: only at the end
     eval_batches: int = 10  # micro-batches per rank per validation pass; 0: the whole val split
+    # bitwise repeatable GPU runs: torch's deterministic algorithms, our Triton scan (auto) and PyTorch's conv
+    # in place of the atomics of mamba-ssm's scan and causal-conv1d's backward (docs/train.md: what it costs)
+    deterministic: bool = False
 
     def validate(self) -> None:
         _need(
@@ -301,6 +304,12 @@ class Config:
             f"{self.run_name!r} is not a plain directory name (letters, digits, '._-'; not '.' or '..')",
         )
         self._check_expert_split()
+        _need(
+            not (self.trainer.deterministic and self.model.scan_backend == "mamba_ssm"),
+            "trainer.deterministic",
+            "needs a deterministic scan, but model.scan_backend=mamba_ssm (its backward sums with float "
+            "atomics): use model.scan_backend=auto or triton",
+        )
         for section in (
             self.optim,
             self.schedule,

@@ -26,8 +26,10 @@ from .build import (
     build_metrics,
     build_model,
     consolidated_state_dict,
+    log_kernels,
     maybe_compile,
     resolve_precision,
+    set_deterministic,
 )
 from .checkpoint import Checkpointer, read_state
 from .config import Config, SpikePolicy, to_container
@@ -54,10 +56,12 @@ class Trainer:
         self.cfg, self.dist = cfg, dist
         self.run_dir = Path(cfg.run_dir).absolute()
         torch.manual_seed(cfg.trainer.seed + dist.rank)
+        self._was_deterministic = set_deterministic(cfg.trainer.deterministic)
         self.train_data, self.val_data = build_data(cfg.data, dist)
         td = self.train_data
         ids = {"bos_token_id": td.bos_id, "eos_token_id": td.eos_id, "pad_token_id": td.pad_id}
         self.model_cfg, model = build_model(cfg, td.vocab_size, ids)
+        log_kernels(model, dist.device)
         self.param_shapes = {n: list(p.shape) for n, p in model.named_parameters()}
         self.moe_layers = [i for i, moe in enumerate(self.model_cfg.layers_is_moe) if moe]
         self.precision = resolve_precision(cfg.parallel.precision, dist.device)
@@ -411,3 +415,4 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        torch.use_deterministic_algorithms(self._was_deterministic)
