@@ -16,10 +16,10 @@ try:  # mamba-ssm and causal-conv1d: CUDA only, optional
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_scan
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     _mamba_scan = None
-try:
-    from causal_conv1d import causal_conv1d_fn as _cc1d
-except Exception:  # noqa: BLE001
-    _cc1d = None
+from . import conv_op
+
+# causal-conv1d's kernels as our traceable op (jamba/conv_op.py), where the package is installed
+_cc1d = conv_op.causal_conv1d_kernel if conv_op.available() else None
 
 
 def _triton_scan():
@@ -282,5 +282,5 @@ def conv_backend(x: torch.Tensor, use_kernel: bool = True) -> str:
 
 def causal_conv1d(x, weight, bias, use_kernel: bool = True) -> torch.Tensor:
     if conv_backend(x, use_kernel) == "causal_conv1d":
-        return _cc1d(x, weight, bias, activation="silu")
+        return _cc1d(x, weight, bias)
     return causal_conv1d_ref(x, weight, bias)

@@ -35,7 +35,7 @@ class ScanTiling:
     split_bwd: int = -1
     # 1: with z, the forward also writes y before the gate (in u's dtype, as mamba-ssm keeps its `out`) and the
     # backward reads it instead of summing h * C over the states again for dz
-    save_y: int = 1
+    save_y: int = 0
 
     def __post_init__(self) -> None:
         for f in ("BD", "BD_fwd", "T_fwd", "T", "K"):

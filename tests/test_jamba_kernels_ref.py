@@ -121,6 +121,30 @@ def test_causal_conv1d_kernel_matches_reference_gpu():
 
 
 @gpu
+def test_causal_conv1d_op_compiles_on_the_mixer_layout_gpu():
+    # jamba::causal_conv1d on the mixer's channel-major view (strides L, b*L, 1): fake, schema and autograd
+    # registration agree with the kernels, and a fullgraph compile (no graph break) equals the reference
+    from jamba import conv_op
+
+    assert conv_op.available(), "causal-conv1d is not installed (pip install causal-conv1d)"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    xz = torch.randn(2 * 64, 2, 300, device="cuda", generator=gen).permute(1, 0, 2)
+    x = xz[:, :64].detach().requires_grad_()
+    w = (torch.randn(64, 4, device="cuda", generator=gen) * 0.5).requires_grad_()
+    b = torch.randn(64, device="cuda", generator=gen).requires_grad_()
+    assert not x.is_contiguous()
+    torch.library.opcheck(conv_op._conv_op, (x, w, b))
+    fn = torch.compile(conv_op.causal_conv1d_kernel, fullgraph=True)
+    y, y_ref = fn(x, w, b), causal_conv1d_ref(x, w, b)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    for name, a, r in zip(
+        "xwb", torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(y_ref, (x, w, b), g), strict=True
+    ):
+        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3, msg=name)
+
+
+@gpu
 def test_grouped_mm_matches_reference_gpu():
     assert hasattr(torch, "_grouped_mm"), f"torch {torch.__version__} has no torch._grouped_mm"
     torch.manual_seed(0)

@@ -117,7 +117,9 @@ def test_model_with_kernels_matches_reference_path_gpu(monkeypatch):
     scans = _counting(monkeypatch, jamba.scan, "_mamba_scan")
     convs = _counting(monkeypatch, jamba.scan, "_cc1d")
     grouped = _counting(monkeypatch, jamba.experts, "experts_grouped")
-    cfg = tiny(hidden_size=64, intermediate_size=128)
+    # all 4 experts per token, as in test_compiled_layers_match_eager_gpu: under bf16 a top-2 choice flips for a
+    # few tokens between the two paths (layer 3's router and experts then moved 4-5% against 0.9%, H200 session 7)
+    cfg = tiny(hidden_size=64, intermediate_size=128, num_experts_per_tok=4)
     a, b = _pair(cfg.replace(use_kernels=False), cfg, device="cuda")
     x = torch.randint(0, 97, (3, 130), device="cuda")
     oa, ga = _grads(a, x)
