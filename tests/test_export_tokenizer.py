@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import transformers  # a test extra: imported, not skipped (a broken install fails)
 from safetensors.torch import save_file
 from test_data_common import cfg, make_prepared, write_corpus
 
@@ -17,7 +18,6 @@ from jamba.export import export
 from jamba.hf_compat import to_hf_state_dict
 from train.eval import evaluate
 
-transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.timeout(120)
 
 
