@@ -59,8 +59,15 @@ def tiling(monkeypatch):
         (16, True, True, True, True, dict(BD=4, BD_fwd=2, T_fwd=2, T=2, K=4)),
         (4, False, False, False, False, dict(BD=2, BD_fwd=8, T_fwd=4, T=2, K=8)),
         (16, True, False, True, True, dict(BD=8, BD_fwd=4, T_fwd=8, T=4, K=16)),
-        (4, True, True, True, True, dict(BD=4, BD_fwd=4, T_fwd=4, T=2, K=8, save_y=0)),  # y recomputed
-        (16, True, False, True, True, dict(BD=8, BD_fwd=4, T_fwd=8, T=4, K=16, save_y=0)),
+        (
+            4,
+            True,
+            True,
+            True,
+            True,
+            dict(BD=4, BD_fwd=4, T_fwd=4, T=2, K=8, save_y=1),
+        ),  # y saved by the forward
+        (16, True, False, True, True, dict(BD=8, BD_fwd=4, T_fwd=8, T=4, K=16, save_y=1)),
         (4, True, True, True, True, dict(BD=4, BD_fwd=4, T_fwd=2, T=2, K=4, split=1)),
         (4, True, True, True, True, dict(BD=4, T_fwd=4, T=2, K=8, split=1, split_bwd=1)),
         (16, False, True, False, True, dict(BD=8, T_fwd=2, T=2, K=4, split=0, split_bwd=1)),

@@ -12,7 +12,7 @@ import pytest
 
 from data.synthetic import MQARSpec
 from jamba.counting import count_params
-from launch import sweep
+from launch import sweep, sweep_run
 from launch.sweep_presets import SWEEPS
 from train.config import build_model_config
 
@@ -88,7 +88,7 @@ def test_flags_and_overrides_win_over_the_preset(tmp_path):
 
 def test_a_run_stopped_at_the_timeout_is_reported_as_stopped(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(
-        sweep, "local_command", lambda nproc, o: [sys.executable, "-c", "import time; time.sleep(30)"]
+        sweep_run, "local_command", lambda nproc, o: [sys.executable, "-c", "import time; time.sleep(30)"]
     )
     v = sweep.Variant("attn-dense", "attn", False, "****", [], tmp_path / "attn-dense")
     assert sweep.run_local([v], 1, False, timeout=0.5) == {"attn-dense": sweep.TIMED_OUT}
@@ -99,7 +99,7 @@ def test_runs_go_jobs_at_a_time_each_with_its_own_timeout(tmp_path, monkeypatch,
     # three runs, two at a time: the two that sleep are both stopped at the timeout, the quick one is ok,
     # and b started before a was stopped (both ran in the first wave)
     cmds = {"a": "import time; time.sleep(30)", "b": "import time; time.sleep(30)", "c": "pass"}
-    monkeypatch.setattr(sweep, "local_command", lambda nproc, o: [sys.executable, "-c", cmds[o[0]]])
+    monkeypatch.setattr(sweep_run, "local_command", lambda nproc, o: [sys.executable, "-c", cmds[o[0]]])
     vs = [sweep.Variant(n, "attn", False, "****", [n], tmp_path / n) for n in cmds]
     got = sweep.run_local(vs, 1, False, timeout=2.0, jobs=2)
     assert got == {"a": sweep.TIMED_OUT, "b": sweep.TIMED_OUT, "c": 0}
@@ -118,7 +118,7 @@ def test_a_stopped_sweep_stops_its_runs(tmp_path, monkeypatch):
     started = []
     real_popen = subprocess.Popen
     monkeypatch.setattr(
-        sweep, "local_command", lambda n, o: [sys.executable, "-c", "import time; time.sleep(60)"]
+        sweep_run, "local_command", lambda n, o: [sys.executable, "-c", "import time; time.sleep(60)"]
     )
     monkeypatch.setattr(
         sweep.subprocess, "Popen", lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1]

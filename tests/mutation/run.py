@@ -40,6 +40,7 @@ RUN = "tests/test_train_run.py::"
 SPIKES = "tests/test_train_spikes.py::"
 CKPT = "tests/test_parallel_checkpoint.py::"
 KILLED = RUN + "test_killed_save_keeps_latest_and_resume_is_exact"
+SCAN = "tests/test_jamba_scan_triton.py::"
 
 BUGS = [
     # the 11 bugs of issue 18's audit
@@ -77,10 +78,12 @@ BUGS = [
     ),
     Bug(
         "ep_save_swapped",
-        "experts of the EP positions swapped in the save",
+        # (the file names do not matter: readers place experts by the offsets recorded inside each file, so
+        # the swap is planted there: swapping the names, this bug's first form, is harmless now)
+        "experts of the EP positions swapped in the save (each file records the mirrored position's offset)",
         "parallel/checkpoint.py",
-        "Path(ckpt) / EXPERTS_FILE.format(r),",
-        "Path(ckpt) / EXPERTS_FILE.format(ep - 1 - r),",
+        'name: {"expert_offset": off, "num_local": n, "num_experts": E}',
+        'name: {"expert_offset": E - n - off, "num_local": n, "num_experts": E}',
         (CKPT + "test_ep_checkpoint_four_ranks_then_two",),
     ),
     Bug(
@@ -223,8 +226,8 @@ BUGS = [
     Bug(
         "no_signal_handlers",
         "SIGTERM/SIGUSR1 handlers not installed",
-        "train/trainer.py",
-        "signal.signal(sig, self._request_stop)",
+        "train/signals.py",
+        "signal.signal(sig, self._handle)",
         "pass",
         ("tests/test_train_signals.py::test_sigterm_and_sigusr1_save_and_exit_zero",),
     ),
@@ -232,7 +235,7 @@ BUGS = [
         "stop_without_save",
         "a signal stops the run without saving",
         "train/trainer.py",
-        "if cfg.checkpoint.save_final or self.stop_requested:",
+        "if cfg.checkpoint.save_final or self.stop.stopping:",
         "if cfg.checkpoint.save_final:",
         ("tests/test_train_signals.py::test_sigterm_and_sigusr1_save_and_exit_zero",),
     ),
@@ -251,6 +254,53 @@ BUGS = [
         "total, n_tok, n_batches = total + float(out.lm_loss) * n",
         "total, n_tok, n_batches = total + float(out.loss) * n",
         (RUN + "test_eval_cli_reports_loss_and_perplexity",),
+    ),
+    # session 7: determinism and the saved pre-gate y
+    Bug(
+        "deterministic_ignored",
+        "trainer.deterministic does not turn deterministic algorithms on",
+        "train/build.py",
+        "    if on:\n        os.environ.setdefault",
+        "    if False:\n        os.environ.setdefault",
+        (
+            "tests/test_train_async_save.py::test_a_save_killed_in_the_background_leaves_latest_on_the_previous",
+        ),
+    ),
+    Bug(
+        "mamba_scan_when_deterministic",
+        "auto keeps mamba-ssm's atomic scan backward under deterministic algorithms",
+        "jamba/scan.py",
+        'if name == "mamba_ssm" and torch.are_deterministic_algorithms_enabled():',
+        'if name == "mamba_ssm" and False:',
+        (SCAN + "test_deterministic_algorithms_avoid_the_kernels_that_sum_with_atomics",),
+    ),
+    Bug(
+        "conv_kernel_when_deterministic",
+        "causal-conv1d's atomic backward kept under deterministic algorithms",
+        "jamba/scan.py",
+        "x.is_cuda and not torch.are_deterministic_algorithms_enabled():",
+        "x.is_cuda:",
+        (SCAN + "test_deterministic_algorithms_avoid_the_kernels_that_sum_with_atomics",),
+    ),
+    Bug(
+        "deterministic_accepts_mamba_ssm",
+        "trainer.deterministic=true accepted with model.scan_backend=mamba_ssm",
+        "train/config.py",
+        'not (self.trainer.deterministic and self.model.scan_backend == "mamba_ssm")',
+        "True",
+        ("tests/test_train_config.py::test_deterministic_refuses_mamba_ssms_scan",),
+    ),
+    Bug(
+        "saved_y_after_gate",
+        "the Triton forward saves y after the SiLU(z) gate instead of before it",
+        "jamba/scan_triton.py",
+        "                    if SAVE_Y:\n                        tl.store(yp_p + t0 + tt, y_tile.to(yp_ptr.dtype.element_ty), mask=m)\n"
+        "                    z_tile = tl.load(z_p + t0 + tt, mask=m, other=0.0).to(tl.float32)\n"
+        "                    y_tile *= z_tile * tl.sigmoid(z_tile)\n",
+        "                    z_tile = tl.load(z_p + t0 + tt, mask=m, other=0.0).to(tl.float32)\n"
+        "                    y_tile *= z_tile * tl.sigmoid(z_tile)\n"
+        "                    if SAVE_Y:\n                        tl.store(yp_p + t0 + tt, y_tile.to(yp_ptr.dtype.element_ty), mask=m)\n",
+        (SCAN + "test_triton_scan_matches_reference",),
     ),
 ]
 
