@@ -302,6 +302,30 @@ BUGS = [
         "                    if SAVE_Y:\n                        tl.store(yp_p + t0 + tt, y_tile.to(yp_ptr.dtype.element_ty), mask=m)\n",
         (SCAN + "test_triton_scan_matches_reference",),
     ),
+    Bug(
+        "keep_last_off_by_one",
+        "checkpoint retention keeps keep_last - 1 checkpoints",
+        "train/checkpoint.py",
+        "keep = {p for _, p in done[-self.cfg.keep_last :]}",
+        "keep = {p for _, p in done[-self.cfg.keep_last + 1 :]}",
+        ("tests/test_train_parts.py::test_prune_keeps_last_n_every_m_and_drops_partials",),
+    ),
+    Bug(
+        "no_decay_group_decays",
+        "norms, biases, A_log, D and the dt bias get weight decay",
+        "parallel/zero.py",
+        '{"name": "no_decay", "params": plain_params, "weight_decay": 0.0}',
+        '{"name": "no_decay", "params": plain_params, "weight_decay": weight_decay}',
+        ("tests/test_train_parts.py::test_no_weight_decay_on_norms_biases_A_log_D",),
+    ),
+    Bug(
+        "mamba_D_skip_dropped",
+        "the Mamba D skip connection dropped (the reference scan)",
+        "jamba/scan.py",
+        "y = y + D.float()[None, :, None] * u.float()",
+        "y = y + 0.0 * u.float()",
+        ("tests/test_jamba_hf_parity.py::test_logits_match_transformers_and_weights_round_trip",),
+    ),
 ]
 
 
