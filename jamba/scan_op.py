@@ -46,8 +46,7 @@ class ScanTiling:
             raise ValueError(f"ScanTiling.K={self.K} must be a multiple of T={self.T} and T_fwd={self.T_fwd}")
 
 
-# Chosen from benchmarks/gpu_scan.py on an H200 (see benchmarks/results/), except BD_fwd/T_fwd of the new
-# forward layout (from offline SASS counts; not yet timed); tests override it.
+# Chosen from benchmarks/gpu_scan.py on an H200 (benchmarks/results/2026-12-02-h200-*.md); tests override it.
 TILING: dict[str, ScanTiling] = {"cuda": ScanTiling(), "cpu": ScanTiling(BD=4, BD_fwd=4, T_fwd=4, T=4, K=8)}
 
 

@@ -5,15 +5,17 @@ Design (docs/model.md, "Selective scan kernels"):
 - One program per (batch, block of channels); its states are an [N, channels] fp32 tensor in registers and it
   walks time sequentially. Decays use exp2 with A pre-scaled by log2(e). B_t and C_t ([N] per step) are
   shared by the program's channels.
-- The forward (BD_fwd = 64 channels, one warp) moves u, delta, z and y as [T, channels] tiles, time first:
-  Triton then gives the tiles and the states one layout, a lane holding all N states of two channels and T
-  steps of each, so a step's row of a tile and y's sum over the states are in-thread (no shuffles, no layout
-  conversions in the loop: 1,424 SASS instructions per 4-step chunk of 1,024 states at sm_90, against 1,139
-  per 8-step chunk of 256 in the earlier [channels, T] layout).
+- The forward (BD_fwd = 16 channels, one warp, T_fwd = 8) moves u, delta, z and y as [T, channels] tiles, time
+  first: Triton gives tiles and states one layout family (a lane holds 8 of the 16 states of one channel and 4
+  steps of its tile rows), so a step's row of a tile is in-thread and y's sum over the states takes one shuffle
+  level (24 SHFL per 8-step chunk at sm_90, `python benchmarks/scan_sass.py`). 64 channels a program (all 16
+  states of 2 channels a lane, no shuffles, 1.5x fewer instructions per state-step) measured slower on an
+  H200: 4x fewer programs hide less latency (benchmarks/results/2026-12-02-h200-session6.md).
 - The backward (BD = 16 channels) keeps [BD, T] tiles and Triton's layout of [N, BD] states over the lanes
   (8 lanes x 2 states, 4 lanes x 4 channels), which balances its two kinds of reductions: over the states
   (y, du, d_delta) and over the channels (dB, dC).
-- The forward saves only the state at the start of every K-step segment ([b, L/K, N, d] fp32).
+- The forward saves only the state at the start of every K-step segment ([b, L/K, N, d] fp32), and with
+  ScanTiling.save_y y before the gate (else the backward sums h * C again for dz).
 - The backward walks segments backwards: it recomputes the segment's T-step chunk-start states (to a small
   scratch), then per chunk recomputes the T states in registers and runs the adjoint recurrence backwards.
   dB and dC are reduced over the program's channels and written as per-program partial sums; dA, dD and
