@@ -44,12 +44,17 @@ def main() -> None:
     ap.add_argument("--precision", default="autocast", choices=["autocast", "bf16"])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--scan-backend", default="auto", help="model.scan_backend: auto|triton|mamba_ssm|torch")
+    ap.add_argument("--deterministic", action="store_true", help="as trainer.deterministic=true")
     ap.add_argument(
         "--where",
         default="",
         help="also print input shapes and Python call sites of the ops whose name contains this",
     )
     args = ap.parse_args()
+    if args.deterministic:  # before the model is built: it picks the scan and conv kernels
+        from train.build import set_deterministic
+
+        set_deterministic(True)
     cfg = get_preset(args.preset, activation_checkpointing=args.ckpt, scan_backend=args.scan_backend)
     m = JambaForCausalLM(cfg, seed=0).cuda()
     if args.precision == "bf16":

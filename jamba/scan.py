@@ -272,15 +272,30 @@ def causal_conv1d_ref(
     return F.silu(y) if activation else y
 
 
+def _triton_conv():
+    """jamba.conv_triton.causal_conv1d_triton, or None where triton is missing (imported on first use)."""
+    try:
+        from .conv_triton import causal_conv1d_triton
+    except Exception:  # noqa: BLE001 - no triton, or a triton without a backend here
+        return None
+    return causal_conv1d_triton
+
+
 def conv_backend(x: torch.Tensor, use_kernel: bool = True) -> str:
-    """causal-conv1d's kernel on CUDA, except with deterministic algorithms on (its weight gradient is summed
-    over the batch with atomicAdd); else PyTorch's conv1d."""
-    if use_kernel and _cc1d is not None and x.is_cuda and not torch.are_deterministic_algorithms_enabled():
+    """On CUDA: causal-conv1d's kernel, except with deterministic algorithms on (its weight gradient is summed
+    over the batch with atomicAdd) or where it is not installed: then our Triton conv (deterministic). Else,
+    and off the GPU, PyTorch's conv1d."""
+    if not (use_kernel and x.is_cuda):
+        return "torch"
+    if _cc1d is not None and not torch.are_deterministic_algorithms_enabled():
         return "causal_conv1d"
-    return "torch"
+    return "triton" if _triton_conv() is not None else "torch"
 
 
 def causal_conv1d(x, weight, bias, use_kernel: bool = True) -> torch.Tensor:
-    if conv_backend(x, use_kernel) == "causal_conv1d":
+    backend = conv_backend(x, use_kernel)
+    if backend == "causal_conv1d":
         return _cc1d(x, weight, bias)
+    if backend == "triton":
+        return _triton_conv()(x, weight, bias)
     return causal_conv1d_ref(x, weight, bias)

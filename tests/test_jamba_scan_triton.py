@@ -175,7 +175,7 @@ def test_scan_backend_choice():
 
 def test_deterministic_algorithms_avoid_the_kernels_that_sum_with_atomics(monkeypatch):
     """trainer.deterministic turns torch's deterministic algorithms on before the model is built: auto then
-    takes our scan over mamba-ssm's, an explicit mamba_ssm is an error, the conv falls back to PyTorch's."""
+    takes our scan over mamba-ssm's, an explicit mamba_ssm is an error, the conv takes our Triton conv."""
     from types import SimpleNamespace
 
     from jamba import scan
@@ -192,7 +192,8 @@ def test_deterministic_algorithms_avoid_the_kernels_that_sum_with_atomics(monkey
         assert resolve_scan_backend("auto", "cuda") == "triton"
         with pytest.raises(ValueError, match="mamba_ssm: mamba-ssm's scan backward is not deterministic"):
             resolve_scan_backend("mamba_ssm", "cuda")
-        assert scan.conv_backend(on_gpu) == "torch"
+        assert scan.conv_backend(on_gpu) == "triton"  # ours: no atomics
+        assert scan.conv_backend(on_gpu, use_kernel=False) == "torch"
     finally:
         torch.use_deterministic_algorithms(before)
 

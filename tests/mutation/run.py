@@ -278,8 +278,8 @@ BUGS = [
         "conv_kernel_when_deterministic",
         "causal-conv1d's atomic backward kept under deterministic algorithms",
         "jamba/scan.py",
-        "x.is_cuda and not torch.are_deterministic_algorithms_enabled():",
-        "x.is_cuda:",
+        "if _cc1d is not None and not torch.are_deterministic_algorithms_enabled():",
+        "if _cc1d is not None:",
         (SCAN + "test_deterministic_algorithms_avoid_the_kernels_that_sum_with_atomics",),
     ),
     Bug(
@@ -325,6 +325,14 @@ BUGS = [
         "y = y + D.float()[None, :, None] * u.float()",
         "y = y + 0.0 * u.float()",
         ("tests/test_jamba_hf_parity.py::test_logits_match_transformers_and_weights_round_trip",),
+    ),
+    Bug(
+        "conv_dweight_shifted",
+        "the Triton conv's weight gradient pairs dpre with x one step off",
+        "jamba/conv_triton.py",
+        "tk = t - (W - 1) + k",
+        "tk = t - (W - 1) + k + 1",
+        ("tests/test_jamba_conv_triton.py::test_triton_conv_matches_reference",),
     ),
 ]
 
