@@ -51,19 +51,24 @@ def _conv_bwd_fake(x, weight, bias, dout):
     return torch.empty_like(_time_rows(x)), torch.empty_like(weight), db
 
 
-def _setup(ctx, inputs, output):
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight, bias)
-    ctx.has_bias = bias is not None
+def register_conv_autograd(op: str, bwd_op) -> None:
+    """Autograd for a conv op (x, weight, bias) -> y whose backward op returns (dx, dweight, dbias or an empty
+    tensor): this one and jamba/conv_triton.py's."""
+
+    def setup(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, dout):
+        x, weight, bias = ctx.saved_tensors
+        dx, dw, db = bwd_op(x, weight, bias, dout)
+        return dx, dw, db if ctx.has_bias else None
+
+    torch.library.register_autograd(op, backward, setup_context=setup)
 
 
-def _backward(ctx, dout):
-    x, weight, bias = ctx.saved_tensors
-    dx, dw, db = _conv_bwd_op(x, weight, bias, dout)
-    return dx, dw, db if ctx.has_bias else None
-
-
-torch.library.register_autograd("jamba::causal_conv1d", _backward, setup_context=_setup)
+register_conv_autograd("jamba::causal_conv1d", _conv_bwd_op)
 
 
 def causal_conv1d_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

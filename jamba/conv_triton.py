@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .conv_op import register_conv_autograd
+
 BD, BL = 16, 128  # channels and steps a program
 
 
@@ -131,19 +133,7 @@ def _conv_bwd_fake(x, weight, bias, g):
     return x.new_empty(x.shape), weight.new_empty(weight.shape), db
 
 
-def _setup(ctx, inputs, output):
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight, bias)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, g):
-    x, weight, bias = ctx.saved_tensors
-    dx, dw, db = _conv_bwd_op(x, weight, bias, g)
-    return dx, dw, db if ctx.has_bias else None
-
-
-torch.library.register_autograd("jamba::causal_conv1d_det", _backward, setup_context=_setup)
+register_conv_autograd("jamba::causal_conv1d_det", _conv_bwd_op)
 
 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

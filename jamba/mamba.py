@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import JambaConfig
 from .norm import RMSNorm
-from .scan import causal_conv1d, resolve_scan_backend, selective_scan
+from .scan import causal_conv1d, conv_backend, resolve_scan_backend, selective_scan
 
 
 class MambaMixer(nn.Module):
@@ -42,6 +42,7 @@ class MambaMixer(nn.Module):
         self.scan_backend = resolve_scan_backend(
             cfg.scan_backend if cfg.use_kernels else "torch", device_type
         )
+        self.conv_backend = conv_backend(device_type, cfg.use_kernels)
         self.scan_chunk, self.scan_block = cfg.scan_chunk_size, cfg.scan_block_size
         for p in (self.A_log, self.D, self.dt_proj.bias):
             p._no_weight_decay = True  # read by the optimizer's param groups
@@ -56,7 +57,7 @@ class MambaMixer(nn.Module):
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
         u, z = xz.view(-1, b, L).permute(1, 0, 2).chunk(2, dim=1)
-        u = causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, use_kernel=self.use_kernels)
+        u = causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, backend=self.conv_backend)
         dbc = self.x_proj(u.transpose(1, 2))  # [b, L, r + 2n]
         dt, B, C = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # The norms return fp32 under autocast (fp32 weights); the CUDA scan wants B, C in u's dtype.

@@ -281,21 +281,23 @@ def _triton_conv():
     return causal_conv1d_triton
 
 
-def conv_backend(x: torch.Tensor, use_kernel: bool = True) -> str:
-    """On CUDA: causal-conv1d's kernel, except with deterministic algorithms on (its weight gradient is summed
-    over the batch with atomicAdd) or where it is not installed: then our Triton conv (deterministic). Else,
-    and off the GPU, PyTorch's conv1d."""
-    if not (use_kernel and x.is_cuda):
+def conv_backend(device_type: str, use_kernel: bool = True) -> str:
+    """The conv a Mamba mixer takes, chosen once when it is built. On CUDA: causal-conv1d's kernel, except with
+    deterministic algorithms on (its weight gradient is summed over the batch with atomicAdd) or where it is
+    not installed: then our Triton conv (deterministic). Else, and off the GPU, PyTorch's conv1d."""
+    if not (use_kernel and device_type == "cuda"):
         return "torch"
     if _cc1d is not None and not torch.are_deterministic_algorithms_enabled():
         return "causal_conv1d"
     return "triton" if _triton_conv() is not None else "torch"
 
 
-def causal_conv1d(x, weight, bias, use_kernel: bool = True) -> torch.Tensor:
-    backend = conv_backend(x, use_kernel)
-    if backend == "causal_conv1d":
+def causal_conv1d(x, weight, bias, backend: str | None = None) -> torch.Tensor:
+    """SiLU(causal depthwise conv) with `backend` (conv_backend's choice; None: chosen here, for x's device);
+    CPU tensors always take PyTorch's conv."""
+    backend = backend or conv_backend(x.device.type)
+    if backend == "causal_conv1d" and x.is_cuda:
         return _cc1d(x, weight, bias)
-    if backend == "triton":
+    if backend == "triton" and x.is_cuda:
         return _triton_conv()(x, weight, bias)
     return causal_conv1d_ref(x, weight, bias)

@@ -104,6 +104,17 @@ def test_mamba_ssm_scan_matches_reference_gpu():
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
+def _conv_matches_reference(fn, x, w, b):
+    """fn(x, w, b) against causal_conv1d_ref: y to 1e-4, the gradients of x, w and b to 1e-3."""
+    y, y_ref = fn(x, w, b), causal_conv1d_ref(x, w, b)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    for name, a, r in zip(
+        "xwb", torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(y_ref, (x, w, b), g), strict=True
+    ):
+        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3, msg=name)
+
+
 @gpu
 def test_causal_conv1d_kernel_matches_reference_gpu():
     assert kernels_available()["causal_conv1d"], "causal-conv1d is not installed (pip install causal-conv1d)"
@@ -111,13 +122,7 @@ def test_causal_conv1d_kernel_matches_reference_gpu():
     x, w, b = (
         torch.randn(*s, device="cuda", generator=gen).requires_grad_() for s in ((2, 64, 300), (64, 4), (64,))
     )
-    y, y_ref = causal_conv1d(x, w, b), causal_conv1d_ref(x, w, b)
-    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
-    g = torch.randn_like(y)
-    for name, a, r in zip(
-        "xwb", torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(y_ref, (x, w, b), g), strict=True
-    ):
-        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3, msg=name)
+    _conv_matches_reference(causal_conv1d, x, w, b)
 
 
 @gpu
@@ -134,14 +139,7 @@ def test_causal_conv1d_op_compiles_on_the_mixer_layout_gpu():
     b = torch.randn(64, device="cuda", generator=gen).requires_grad_()
     assert not x.is_contiguous()
     torch.library.opcheck(conv_op._conv_op, (x, w, b))
-    fn = torch.compile(conv_op.causal_conv1d_kernel, fullgraph=True)
-    y, y_ref = fn(x, w, b), causal_conv1d_ref(x, w, b)
-    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
-    g = torch.randn_like(y)
-    for name, a, r in zip(
-        "xwb", torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(y_ref, (x, w, b), g), strict=True
-    ):
-        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-3, msg=name)
+    _conv_matches_reference(torch.compile(conv_op.causal_conv1d_kernel, fullgraph=True), x, w, b)
 
 
 @gpu

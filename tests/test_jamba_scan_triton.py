@@ -176,24 +176,21 @@ def test_scan_backend_choice():
 def test_deterministic_algorithms_avoid_the_kernels_that_sum_with_atomics(monkeypatch):
     """trainer.deterministic turns torch's deterministic algorithms on before the model is built: auto then
     takes our scan over mamba-ssm's, an explicit mamba_ssm is an error, the conv takes our Triton conv."""
-    from types import SimpleNamespace
-
     from jamba import scan
 
     monkeypatch.setattr(scan, "_mamba_scan", lambda *a, **k: None)  # as if mamba-ssm were installed
     monkeypatch.setattr(scan, "_cc1d", lambda *a, **k: None)
     monkeypatch.setattr(scan, "_INTERPRET", True)
-    on_gpu = SimpleNamespace(is_cuda=True)
     assert resolve_scan_backend("auto", "cuda") == "mamba_ssm"
-    assert scan.conv_backend(on_gpu) == "causal_conv1d"
+    assert scan.conv_backend("cuda") == "causal_conv1d"
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         assert resolve_scan_backend("auto", "cuda") == "triton"
         with pytest.raises(ValueError, match="mamba_ssm: mamba-ssm's scan backward is not deterministic"):
             resolve_scan_backend("mamba_ssm", "cuda")
-        assert scan.conv_backend(on_gpu) == "triton"  # ours: no atomics
-        assert scan.conv_backend(on_gpu, use_kernel=False) == "torch"
+        assert scan.conv_backend("cuda") == "triton"  # ours: no atomics
+        assert scan.conv_backend("cuda", use_kernel=False) == "torch"
     finally:
         torch.use_deterministic_algorithms(before)
 

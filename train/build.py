@@ -16,7 +16,6 @@ from torch import nn
 from data import DataConfig, DataError, TokenLoader, ensure_builtin_corpus
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.hf_compat import to_hf_state_dict
-from jamba.scan import conv_backend
 from parallel.zero import deepspeed_config, effective_zero_stage, skip_single_rank_allreduce
 
 from .config import Config, ConfigError, Precision, WandbMode, build_model_config
@@ -95,14 +94,13 @@ def set_deterministic(on: bool) -> bool:
     return before
 
 
-def log_kernels(model: JambaForCausalLM, device: torch.device) -> None:
+def log_kernels(model: JambaForCausalLM) -> None:
     """The kernels this run takes, chosen once when the model was built (jamba/scan.py)."""
-    scans = sorted({m.scan_backend for m in model.modules() if hasattr(m, "scan_backend")})
-    conv = conv_backend(torch.empty(0, device=device), model.config.use_kernels)
+    mixers = [m for m in model.modules() if hasattr(m, "scan_backend")]
     log.info(
         "kernels: selective scan %s, causal conv %s, deterministic algorithms %s",
-        "/".join(scans) or "none (no Mamba layers)",
-        conv if scans else "none",
+        "/".join(sorted({m.scan_backend for m in mixers})) or "none (no Mamba layers)",
+        "/".join(sorted({m.conv_backend for m in mixers})) or "none",
         "on" if torch.are_deterministic_algorithms_enabled() else "off",
     )
 

@@ -61,7 +61,7 @@ class Trainer:
         td = self.train_data
         ids = {"bos_token_id": td.bos_id, "eos_token_id": td.eos_id, "pad_token_id": td.pad_id}
         self.model_cfg, model = build_model(cfg, td.vocab_size, ids)
-        log_kernels(model, dist.device)
+        log_kernels(model)
         self.param_shapes = {n: list(p.shape) for n, p in model.named_parameters()}
         self.moe_layers = [i for i, moe in enumerate(self.model_cfg.layers_is_moe) if moe]
         self.precision = resolve_precision(cfg.parallel.precision, dist.device)
