@@ -1,5 +1,6 @@
 """Mutation check of the test suite: plant one bug at a time in a scratch copy of the repository, run only
-the tests that should catch it, and print a table. The bugs and their tests: tests/mutation/bugs.py. Not collected by pytest (no test_*.py), not part of CI.
+the tests that should catch it, and print a table. The bugs and their tests: tests/mutation/bugs.py. Not
+collected by pytest (no test_*.py), not part of CI.
 
     python tests/mutation/run.py                 # every bug (several minutes on 2 cores)
     python tests/mutation/run.py --only z_loss_square,rollback_no_reload
