@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shlex
+import shutil
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import DataError
+
+log = logging.getLogger("data.manifest")
 
 FORMAT = "jamba-tokens/1"
 MANIFEST = "manifest.json"
@@ -230,6 +234,23 @@ def write_manifest(out_dir: str | Path, man: Manifest) -> dict:
     tmp.write_text(json.dumps(d, indent=1) + "\n")
     os.replace(tmp, Path(out_dir) / MANIFEST)
     return d
+
+
+def publish(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Rename a finished corpus directory (written under a temporary name) into place; losing a race to another process is fine."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if output.exists() and overwrite:
+        old = output.with_name(f"{output.name}.old-{os.getpid()}")
+        os.rename(output, old)
+    try:
+        os.rename(tmp, output)
+    except OSError:
+        if not (output / MANIFEST).exists():
+            raise
+        log.info("%s was prepared concurrently by another process; keeping that one", output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_local_shards(path: str, shards: list[ShardInfo]) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import DataError
-from .manifest import MANIFEST, Manifest, load_manifest, write_manifest
+from .manifest import MANIFEST, Manifest, load_manifest, publish, write_manifest
 from .shards import ShardWriter
 from .sources import (
     DEFAULT_EXTS,
@@ -220,7 +220,7 @@ def prepare(
             skipped={r: {"count": counts[r], "examples": examples[r]} for r in SKIP_REASONS},
         )
         manifest = write_manifest(tmp, man)
-        _publish(tmp, Path(output), overwrite)
+        publish(tmp, Path(output), overwrite)
     finally:
         results.close()  # stops the tokenizer processes early on an error
         shutil.rmtree(tmp, ignore_errors=True)
@@ -247,23 +247,6 @@ def _size(path: str) -> int:
         return os.path.getsize(path)
     except OSError:
         return 0
-
-
-def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
-    """Rename the finished directory into place; losing a race to another process is fine."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if output.exists() and overwrite:
-        old = output.with_name(f"{output.name}.old-{os.getpid()}")
-        os.rename(output, old)
-    try:
-        os.rename(tmp, output)
-    except OSError:
-        if not (output / MANIFEST).exists():
-            raise
-        log.info("%s was prepared concurrently by another process; keeping that one", output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

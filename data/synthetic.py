@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .manifest import MANIFEST, Manifest, load_manifest, write_manifest
+from .manifest import MANIFEST, Manifest, load_manifest, publish, write_manifest
 from .shards import ShardWriter, encode_tokens
 
 log = logging.getLogger("data.synthetic")
@@ -163,8 +163,6 @@ def answer_targets(tokenizer: dict, seq_len: int | None = None) -> AnswerTargets
 def prepare_mqar(output: str, spec: MQARSpec, overwrite: bool = False) -> dict:
     """Write the corpus (train + val shards, manifest) to `output` through the shard writer every corpus
     uses; an existing corpus made with the same options is kept, one made with others is an error."""
-    from .prepare import _publish
-
     spec.validate()
     settings = {"synthetic": "mqar", **asdict(spec), "pairs": list(spec.pairs)}
     if (Path(output) / MANIFEST).exists() and not overwrite:
@@ -194,7 +192,7 @@ def prepare_mqar(output: str, spec: MQARSpec, overwrite: bool = False) -> dict:
             splits[split] = writer.close()
         man = Manifest(tokenizer=spec.describe(), dtype=dtype, splits=splits, source=settings)
         manifest = write_manifest(tmp, man)
-        _publish(tmp, Path(output), overwrite)
+        publish(tmp, Path(output), overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info(

@@ -18,92 +18,15 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-
-from train.metrics import read_jsonl, read_wandb_file
 
 from .commands import NAME
 from .probe import ProbeConfig, chance
 from .report_plot import plot, plot_title
-
-
-@dataclass
-class RunResult:
-    name: str
-    run_dir: Path
-    train: list[dict] = field(default_factory=list)  # one record per step, in step order
-    val: list[dict] = field(default_factory=list)
-    pattern: str = "?"
-    moe: bool | None = None
-    params: dict = field(default_factory=dict)  # count_params: total, active, ...
-    max_steps: int | None = None
-    checkpoint: Path | None = None
-    probe: dict | None = None  # {"K=n": {"acc": ...}, "chance": ..., "eval": "mqar" | absent (the probe)}
-    group: str = ""  # runs of one layout (sweep.json's ratio and MoE); the name when there is no sweep.json
-    overrides: list[str] = field(default_factory=list)
-    axis: dict = field(default_factory=dict)  # what sets this run apart within its group, e.g. {"lr": "1e-3"}
-
-    @property
-    def final_step(self) -> int:
-        return self.train[-1]["step"] if self.train else 0
-
-    def train_loss(self, tail: float = 0.1) -> float:
-        """Mean train loss over the last `tail` of the logged steps: one record is noisy at a small batch."""
-        curve = self.train_curve(tail)
-        return curve[-1] if curve else math.nan
-
-    def train_curve(self, tail: float = 0.1) -> list[float]:
-        """At each logged step s, the mean of the records in (s - tail * final_step, s]: the table's
-        train loss is the last point, so the plotted curve ends exactly on it."""
-        width = self.final_step * tail
-        steps = [r["step"] for r in self.train]
-        out, lo = [], 0
-        for i, s in enumerate(steps):
-            while steps[lo] < s - width:
-                lo += 1
-            window = [r["train/loss"] for r in self.train[lo : i + 1]]
-            out.append(sum(window) / len(window))
-        return out
-
-    @property
-    def val_loss(self) -> float:
-        return self.val[-1]["val/loss"] if self.val else math.nan
-
-    def tokens_per_s(self) -> float:
-        """Median over the logged records after the first (which includes start-up)."""
-        vals = sorted(r["perf/tokens_per_s"] for r in self.train[1:] if "perf/tokens_per_s" in r)
-        return vals[len(vals) // 2] if vals else math.nan
+from .run_results import RunResult, axis_label, best_runs, curves, has_axis, read_records, recall_keys
 
 
 # ---- reading ------------------------------------------------------------------------------------------
-def read_records(run_dir: Path) -> list[dict]:
-    """metrics.jsonl, else every W&B run file under run_dir/wandb in time order (a resume adds one).
-    JSONL is the sturdier record: it is flushed per line, while a W&B session killed hard (SIGKILL, OOM)
-    loses what its service process had buffered."""
-    jsonl = run_dir / "metrics.jsonl"
-    if jsonl.is_file():
-        return read_jsonl(jsonl)
-    rows = []
-    files = [*run_dir.glob("wandb/offline-run-*/run-*.wandb"), *run_dir.glob("wandb/run-*/run-*.wandb")]
-    for f in sorted(files, key=lambda f: f.parent.name.split("-", 2)[-1]):  # by the directory's timestamp
-        rows += read_wandb_file(f)
-    return rows
-
-
-def curves(records: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(train, val) records, one per step (the last logged), sorted by step; events are left out."""
-    train, val = {}, {}
-    for r in records:
-        if "event" in r or not isinstance(r.get("step"), int | float):
-            continue
-        if isinstance(r.get("train/loss"), int | float):
-            train[int(r["step"])] = r
-        if isinstance(r.get("val/loss"), int | float):
-            val[int(r["step"])] = r
-    return [train[s] for s in sorted(train)], [val[s] for s in sorted(val)]
-
-
 def load_run(run_dir: Path, name: str | None = None) -> RunResult:
     from jamba import JambaConfig
     from jamba.counting import count_params
@@ -204,21 +127,6 @@ def _missing(members: list[RunResult], key: str) -> bool:
     return any(not any(o.startswith(key + "=") for o in r.overrides) for r in members)
 
 
-def best_runs(results: list[RunResult]) -> list[RunResult]:
-    """The run with the lowest final val loss in each group (groups in first-seen order); a group whose
-    runs logged no val loss keeps its first run."""
-    best = []
-    for g in dict.fromkeys(r.group for r in results):
-        members = [r for r in results if r.group == g]
-        scored = [r for r in members if not math.isnan(r.val_loss)]
-        best.append(min(scored, key=lambda r: r.val_loss) if scored else members[0])
-    return best
-
-
-def has_axis(results: list[RunResult]) -> bool:
-    return any(r.axis for r in results)
-
-
 # ---- writing ------------------------------------------------------------------------------------------
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
@@ -228,18 +136,8 @@ def _millions(n: int | None) -> str:
     return "–" if not n else f"{n / 1e6:.2f}M"
 
 
-def recall_keys(results: list[RunResult]) -> list[str]:
-    """The K=n columns any run was scored on, by n."""
-    ks = {k for r in results for k in (r.probe or {}) if k.startswith("K=")}
-    return sorted(ks, key=lambda k: int(k[2:]))
-
-
 def _steps(r: RunResult) -> str:
     return f"{r.final_step}" + (f"/{r.max_steps}" if r.max_steps and r.final_step < r.max_steps else "")
-
-
-def _axis(r: RunResult) -> str:
-    return ", ".join(f"{k}={v}" for k, v in r.axis.items()) or "–"
 
 
 def best_table(results: list[RunResult]) -> list[str]:
@@ -254,7 +152,7 @@ def best_table(results: list[RunResult]) -> list[str]:
             r.group,
             f"`{r.pattern}`",
             _millions(r.params.get("total")),
-            _axis(r),
+            axis_label(r),
             _steps(r),
             _fmt(r.val_loss),
         ]
@@ -285,7 +183,7 @@ def markdown(results: list[RunResult], probe_cfg: ProbeConfig | None) -> str:
             r.name,
             f"`{r.pattern}`",
             f"{_millions(r.params.get('total'))} / {_millions(r.params.get('active'))}",
-            *([_axis(r)] if axis else []),
+            *([axis_label(r)] if axis else []),
             _steps(r),
             f"{last.get('train/tokens', 0):,}",
             _fmt(r.train_loss()),

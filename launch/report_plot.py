@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .report import RunResult
+    from .run_results import RunResult
 
 
 def plot_title(sweep_dir: Path, sweep: dict) -> str:
@@ -30,7 +30,7 @@ def plot(results: list[RunResult], path: Path, title: str = "") -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import _axis, best_runs, has_axis, recall_keys
+    from .run_results import axis_label, best_runs, has_axis, recall_keys
 
     shown = best_runs(results) if has_axis(results) else results
     ks = recall_keys(shown)
@@ -42,7 +42,7 @@ def plot(results: list[RunResult], path: Path, title: str = "") -> dict:
     mixed = len({r.moe for r in shown}) > 1
     late: list[float] = []  # train losses after the first fifth of training: the y range worth showing
     for r in shown:
-        label = r.group + (f" ({_axis(r)})" if r.axis else "") if has_axis(results) else r.name
+        label = r.group + (f" ({axis_label(r)})" if r.axis else "") if has_axis(results) else r.name
         dashed = r.moe is False and mixed  # dense dashed when the sweep has MoE runs too
         style = dict(color=colours[r.group.split("-")[0]], linestyle="--" if dashed else "-", linewidth=1.4)
         drawn[label] = {}

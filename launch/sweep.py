@@ -33,13 +33,12 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .commands import LaunchError, LaunchSpec, check_name
 from .hostfile import Host
 from .sweep_presets import SWEEPS
-from .sweep_run import TIMED_OUT, run_local  # noqa: F401 - TIMED_OUT: part of this module's interface
+from .sweep_run import TIMED_OUT, Variant, run_local  # noqa: F401 - TIMED_OUT: part of this module's interface
 
 RATIOS = ("attn", "1:3", "1:7", "mamba")
 # Keys the sweep sets for each run; an extra override of one of them would silently break the comparison.
@@ -57,18 +56,6 @@ OWNED = (
     "logging.wandb.group",
     "resume",
 )
-
-
-@dataclass
-class Variant:
-    name: str
-    ratio: str
-    moe: bool
-    pattern: str
-    overrides: list[str] = field(default_factory=list)  # the whole override list of the run
-    run_dir: Path = Path()
-    status: str = "new"  # new | partial | done
-    step: int = 0
 
 
 def ratio_label(ratio: str) -> str:

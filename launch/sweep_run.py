@@ -7,14 +7,26 @@ import os
 import signal
 import subprocess
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from .commands import local_command
 
-if TYPE_CHECKING:
-    from .sweep import Variant
-
 TIMED_OUT = 124  # a run's result when --timeout stopped it (as timeout(1) exits)
+
+
+@dataclass
+class Variant:
+    """One run of a sweep as launch.sweep planned it, and where a previous invocation left it."""
+
+    name: str
+    ratio: str
+    moe: bool
+    pattern: str
+    overrides: list[str] = field(default_factory=list)  # the whole override list of the run
+    run_dir: Path = Path()
+    status: str = "new"  # new | partial | done
+    step: int = 0
 
 
 def run_local(
