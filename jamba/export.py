@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from train.checkpoint_layout import LATEST, MODEL_CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, CheckpointError
+
 from .config import JambaConfig
 from .hf_compat import (
     CONFIG_NAME,
@@ -37,13 +39,7 @@ from .hf_compat import (
 )
 
 STATE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-DEEPSPEED_STATE = "model_state.safetensors"
-DEEPSPEED_CONFIG = "model_config.json"
 DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(ValueError):
-    """The checkpoint cannot be read; the message says what was expected."""
 
 
 # ---- reading ----------------------------------------------------------------------------------------
@@ -105,18 +101,18 @@ def _state_file_in(folder: Path) -> Path:
 
 
 def _load_deepspeed(folder: Path) -> tuple[JambaConfig, dict[str, torch.Tensor]]:
-    tag = (folder / "latest").read_text().strip()
+    tag = (folder / LATEST).read_text().strip()
     if not re.fullmatch(r"(global_)?step_?\d+", tag):  # a child of the folder, never a path elsewhere
         raise CheckpointError(
-            f"{folder / 'latest'} names {tag[:100]!r}, not a step_N (or DeepSpeed global_stepN) folder in {folder}"
+            f"{folder / LATEST} names {tag[:100]!r}, not a step_N (or DeepSpeed global_stepN) folder in {folder}"
         )
     tag_dir = folder / tag
-    state, config = tag_dir / DEEPSPEED_STATE, tag_dir / DEEPSPEED_CONFIG
+    state, config = tag_dir / WEIGHTS_FILE, tag_dir / MODEL_CONFIG_FILE
     lacking = [str(p) for p in (state, config) if not p.is_file()]
     if lacking:
         raise CheckpointError(
             f"{folder} is a DeepSpeed checkpoint (latest -> {tag!r}) but {lacking} not found. The trainer writes "
-            f"a consolidated {DEEPSPEED_STATE} + {DEEPSPEED_CONFIG} into each tag folder; ZeRO-sharded states "
+            f"a consolidated {WEIGHTS_FILE} + {MODEL_CONFIG_FILE} into each tag folder; ZeRO-sharded states "
             "alone are not read yet"
         )
     cfg, _ = _read_config(config)
@@ -140,7 +136,7 @@ def _load_checkpoint(path: str | Path) -> tuple[JambaConfig, dict[str, torch.Ten
             )
         cfg, _ = _read_config(config)
         return cfg, _read_state_file(path)
-    if (path / "latest").is_file():
+    if (path / LATEST).is_file():
         return _load_deepspeed(path)
     config = path / CONFIG_NAME
     if not config.is_file():
@@ -162,10 +158,10 @@ def trained_corpus(checkpoint: str | Path) -> str | None:
     """The corpus a trainer checkpoint (DeepSpeed folder) was trained on, from its trainer_state.json:
     data.path, or a mixture's first corpus (relative paths: to the CWD, as in training). None if unknown."""
     path = Path(checkpoint)
-    if not (path / "latest").is_file():
+    if not (path / LATEST).is_file():
         return None
     try:
-        state = json.loads((path / (path / "latest").read_text().strip() / "trainer_state.json").read_text())
+        state = json.loads((path / (path / LATEST).read_text().strip() / STATE_FILE).read_text())
         data = state["config"]["data"]
         return str(data["mixture"][0]["path"] if data.get("mixture") else data["path"])
     except (OSError, ValueError, KeyError, IndexError, TypeError):

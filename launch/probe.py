@@ -119,7 +119,7 @@ def probe_checkpoint(
     from a checkpoint)."""
     from data.errors import DataError
     from data.tokenizer import ByteTokenizer, tokenizer_for_corpus
-    from train.checkpoint import CheckpointError, read_state, resolve
+    from train.checkpoint_layout import CheckpointError, read_state, resolve
     from train.eval import load_model, run_data_path
 
     ckpt = resolve(ckpt)

@@ -71,7 +71,7 @@ def score(model, examples: np.ndarray, tokenizer: dict, device="cpu", batch_size
 
 def recall_checkpoint(ckpt: str | Path, corpus: str | None = None, device: str = "cpu") -> dict:
     """Score one checkpoint (a step_* directory or a checkpoint root) on its run's corpus (or `corpus`)."""
-    from train.checkpoint import read_state, resolve
+    from train.checkpoint_layout import read_state, resolve
     from train.eval import load_model, run_data_path
 
     ckpt = resolve(ckpt)
@@ -85,7 +85,7 @@ def recall_checkpoint(ckpt: str | Path, corpus: str | None = None, device: str =
 
 def is_mqar_run(ckpt: Path, data: str | None = None) -> bool:
     """Whether the run of this checkpoint trained on an MQAR corpus (its manifest asks for answer loss)."""
-    from train.checkpoint import CheckpointError, read_state
+    from train.checkpoint_layout import CheckpointError, read_state
     from train.eval import run_data_path
 
     try:

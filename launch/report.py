@@ -30,7 +30,7 @@ from .run_results import RunResult, axis_label, best_runs, curves, has_axis, rea
 def load_run(run_dir: Path, name: str | None = None) -> RunResult:
     from jamba import JambaConfig
     from jamba.counting import count_params
-    from train.checkpoint import MODEL_CONFIG_FILE, find_latest, read_state
+    from train.checkpoint_layout import MODEL_CONFIG_FILE, find_latest, read_state
 
     res = RunResult(name or run_dir.name, run_dir)
     res.train, res.val = curves(read_records(run_dir))

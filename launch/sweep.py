@@ -93,7 +93,7 @@ def compose(*override_lists: list[str]) -> list:
 
 def run_status(checkpoint_dir: str | Path, max_steps: int) -> tuple[str, int]:
     """('done' | 'partial' | 'new', step of the newest complete checkpoint)."""
-    from train.checkpoint import find_latest, read_state
+    from train.checkpoint_layout import find_latest, read_state
 
     ckpt = find_latest(checkpoint_dir)
     if ckpt is None:

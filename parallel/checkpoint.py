@@ -50,7 +50,7 @@ def expert_params(model: nn.Module) -> dict[str, tuple[nn.Parameter, int, int, i
     return out
 
 
-def _ep_position(model: nn.Module) -> tuple[int, int]:
+def ep_position(model: nn.Module) -> tuple[int, int]:
     """(ep_rank, ep_size) of this rank; (0, 1) without expert parallelism."""
     info = next(iter(expert_params(model).values()), None)
     if info is None:
@@ -61,7 +61,7 @@ def _ep_position(model: nn.Module) -> tuple[int, int]:
 
 def _writes_experts(model: nn.Module) -> bool:
     """The one rank per EP position that writes its expert files: edp_rank 0 (ranks 0..ep-1)."""
-    return _rank() < _ep_position(model)[1]
+    return _rank() < ep_position(model)[1]
 
 
 def _save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
@@ -86,9 +86,9 @@ def save_local_experts(model: nn.Module, ckpt: Path) -> None:
     """Write this EP position's expert tensors to experts_ep<r>.safetensors (edp_rank 0 only; no
     communication)."""
     params = expert_params(model)
-    if not params or _ep_position(model)[1] == 1 or not _writes_experts(model):
+    if not params or ep_position(model)[1] == 1 or not _writes_experts(model):
         return  # without expert parallelism DeepSpeed's module file holds every expert
-    r, ep = _ep_position(model)
+    r, ep = ep_position(model)
     _save(
         {k: p for k, (p, *_) in params.items()},
         {"experts": _expert_meta(model), "ep_size": ep},
@@ -127,7 +127,7 @@ class ExpertReader:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _expert_files(d: Path) -> list[Path]:
+def expert_files(d: Path) -> list[Path]:
     return sorted(Path(d).glob(EXPERTS_FILE.format("*")))
 
 
@@ -137,7 +137,7 @@ def load_local_experts(model: nn.Module, ckpt: Path) -> None:
     params = expert_params(model)
     if not params:
         return
-    reader = ExpertReader(_expert_files(ckpt))
+    reader = ExpertReader(expert_files(ckpt))
     with torch.no_grad():
         for name, (p, off, n, E, _) in params.items():
             saved = reader.files[0][2]["experts"][name]["num_experts"]
@@ -205,7 +205,7 @@ def save_portable(engine, ckpt: Path) -> None:
     if _rank() == 0:
         _save(dense, meta, out_dir / DENSE_FILE)
     if experts and _writes_experts(model):
-        r, ep = _ep_position(model)
+        r, ep = ep_position(model)
         _save(
             local, {**meta, "experts": _expert_meta(model), "ep_size": ep}, out_dir / EXPERTS_FILE.format(r)
         )
@@ -226,7 +226,7 @@ def load_portable(engine, ckpt: Path) -> int:
     h = safe_open(str(d / DENSE_FILE), framework="pt")
     step = json.loads(h.metadata()["json"])["step"]
     experts = expert_params(model)
-    reader = ExpertReader(_expert_files(d)) if experts else None
+    reader = ExpertReader(expert_files(d)) if experts else None
     if not _is_zero(opt):  # stage 0 (one rank): the parameters are the fp32 masters, the state is opt's
         _load_plain(opt, model, h, step, experts, reader)
         return step

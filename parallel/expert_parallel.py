@@ -205,17 +205,3 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
                     raise ValueError(f"{key}: state dict has {full.shape[0]} experts, the model {want}")
                 sd[key] = full[off : off + El]
     return model.load_state_dict(sd, strict=strict)
-
-
-def expert_shard_info(model: nn.Module) -> dict[str, dict]:
-    """Per expert tensor: which global experts this rank holds (for per-rank checkpoints)."""
-    return {
-        f"{n}.{p}": {
-            "expert_offset": getattr(m, "expert_offset", 0),
-            "num_local": m.num_experts,
-            "num_experts": getattr(m, "num_global_experts", m.num_experts),
-            "ep_size": getattr(m, "ep_size", 1),
-        }
-        for n, m in _expert_modules(model).items()
-        for p in EXPERT_PARAM_NAMES
-    }

@@ -107,6 +107,12 @@ def test_no_import_cycles():
     assert cycles(graph) == []
 
 
+def test_no_private_names_imported_from_another_package():
+    _, private = import_graph()
+    across = [f"{m} imports {n} from {t}" for m, t, n in private if m.split(".")[0] != t.split(".")[0]]
+    assert across == []
+
+
 def test_jamba_does_not_import_torch_distributed():
     bad = []
     for p in sorted((ROOT / "jamba").rglob("*.py")):

@@ -10,7 +10,7 @@ import pytest
 from jamba import pattern_from_periods
 from launch import report, sweep
 from launch.commands import LaunchError
-from train.checkpoint import STATE_FILE, STATE_VERSION
+from train.checkpoint_layout import STATE_FILE, STATE_VERSION
 from train.testing import TINY
 
 # TINY without the keys the sweep sets itself (the layout and the experts).

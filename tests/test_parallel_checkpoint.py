@@ -120,7 +120,7 @@ def run_four(tmp: str) -> None:
 
 
 def run_two(tmp: str) -> None:
-    from train.checkpoint import CheckpointError
+    from train.checkpoint_layout import CheckpointError
 
     tmp = Path(tmp)
     saved = json.loads((tmp / "want.json").read_text())
@@ -155,7 +155,7 @@ def test_ep_checkpoint_four_ranks_then_two(tmp_path):
 
 
 def test_layout_change_needs_a_portable_state(tmp_path):
-    from train.checkpoint import CheckpointError
+    from train.checkpoint_layout import CheckpointError
     from train.resume import check_compatible
 
     st = {"param_shapes": {"w": [4]}, "world_size": 4, "config": {"parallel": {"expert_parallel_size": 2}}}

@@ -144,7 +144,7 @@ def test_bf16_autocast_training_through_deepspeed_gpu(tmp_path):
     # learning, and fp32 weights in the checkpoint
     from safetensors.torch import load_file
 
-    from train.checkpoint import WEIGHTS_FILE, find_latest
+    from train.checkpoint_layout import WEIGHTS_FILE, find_latest
     from train.testing import TINY, run_train
 
     base = [

@@ -12,16 +12,9 @@ import torch
 
 from jamba import JambaConfig, JambaForCausalLM
 from parallel.zero import deepspeed_config, optimizer_param_groups
-from train.checkpoint import (
-    STATE_FILE,
-    STATE_VERSION,
-    Checkpointer,
-    CheckpointError,
-    find_latest,
-    resolve,
-    safe_load,
-    tag_for,
-)
+from train.checkpoint import Checkpointer
+from train.checkpoint_layout import STATE_FILE, STATE_VERSION, CheckpointError, find_latest, resolve, tag_for
+from train.checkpoint_load import safe_load
 from train.config import CheckpointConfig, Schedule, ScheduleConfig, SpikeConfig
 from train.distributed import Dist
 from train.optim import SkippableAdamW, clip_grad_norm_, lr_multiplier

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from data import DataConfig, TokenLoader
-from train.checkpoint import STATE_FILE, WEIGHTS_FILE, find_latest, read_state, safe_load, tag_for
+from train.checkpoint_layout import STATE_FILE, WEIGHTS_FILE, find_latest, read_state, tag_for
+from train.checkpoint_load import safe_load
 from train.checkpoint_writer import FP32_MASTERS, WEIGHTS_ELSEWHERE
 from train.config import Schedule, ScheduleConfig
 from train.eval import load_model

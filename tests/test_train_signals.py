@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpoint import find_latest, read_state, tag_for
+from train.checkpoint_layout import find_latest, read_state, tag_for
 from train.metrics import read_jsonl
 from train.testing import TINY, Run
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from data import DataConfig, TokenLoader
-from train.checkpoint import WEIGHTS_FILE, read_state, tag_for
+from train.checkpoint_layout import WEIGHTS_FILE, read_state, tag_for
 from train.eval import load_model
 from train.testing import TINY, Run, run_train
 

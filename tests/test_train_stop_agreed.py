@@ -13,7 +13,7 @@ import torch.distributed as dist
 from dist_utils import run_distributed
 
 from train import distributed as D
-from train.checkpoint import find_latest, read_state, tag_for
+from train.checkpoint_layout import find_latest, read_state, tag_for
 from train.signals import StopRequest
 from train.testing import TINY, run_train
 

@@ -69,7 +69,7 @@ def main(dcfg: DictConfig) -> int:
     from data import DataError
 
     from . import distributed
-    from .checkpoint import CheckpointError
+    from .checkpoint_layout import CheckpointError
     from .rundir import RunLock, RunLockError, buffer_log, record_job
     from .signals import exit_with_launcher
 

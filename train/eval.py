@@ -22,7 +22,7 @@ from data.manifest import is_local
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.hf_compat import load_hf_state_dict
 
-from .checkpoint import MODEL_CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_state, resolve
+from .checkpoint_layout import MODEL_CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_state, resolve
 
 log = logging.getLogger("train.eval")
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from parallel.checkpoint import has_portable
 
-from .checkpoint import Checkpointer, CheckpointError, read_state, resolve
+from .checkpoint import Checkpointer
+from .checkpoint_layout import CheckpointError, read_state, resolve
 
 log = logging.getLogger("train.resume")
 # Keys that differ between a run and its continuation by design.

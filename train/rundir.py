@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import atomic_write
+from .checkpoint_layout import atomic_write
 
 log = logging.getLogger("train.rundir")
 LOCK_FILE = ".lock"

@@ -31,7 +31,8 @@ from .build import (
     resolve_precision,
     set_deterministic,
 )
-from .checkpoint import Checkpointer, read_state
+from .checkpoint import Checkpointer
+from .checkpoint_layout import read_state
 from .config import Config, SpikePolicy, to_container
 from .optim import clip_grad_norm_, lr_multiplier, set_lr
 from .profiling import profile_step

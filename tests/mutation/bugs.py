@@ -77,7 +77,7 @@ BUGS = [
     Bug(
         "weights_only_experts_permuted",
         "experts permuted in the weights-only load",
-        "train/checkpoint.py",
+        "train/checkpoint_load.py",
         "sd = load_file(str(ckpt / WEIGHTS_FILE))",
         'sd = {k: v.flip(0) if ".experts." in k else v for k, v in load_file(str(ckpt / WEIGHTS_FILE)).items()}',
         (RUN + "test_weights_only_resume_on_another_layout", CKPT + "test_ep_checkpoint_four_ranks_then_two"),
@@ -101,8 +101,8 @@ BUGS = [
     Bug(
         "rng_not_restored",
         "RNG state not restored on resume",
-        "train/checkpoint.py",
-        "set_rng_state(safe_load(rng), self.dist.device)",
+        "train/checkpoint_load.py",
+        "set_rng_state(safe_load(rng), dist.device)",
         "pass",
         (KILLED,),
     ),
