@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import DataError
 from .manifest import MANIFEST, Manifest, load_manifest, write_manifest
@@ -156,14 +157,18 @@ def prepare(
         workers = 1 if isinstance(tok, ByteTokenizer) else os.cpu_count() or 1
     results = tokenize_units(units, min(workers, len(units)), tok_json, dtype, text_field)
     try:
-        with tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            desc=f"prepare {Path(output).name}",
-            disable=not progress,
-            file=sys.stderr,
-        ) as bar:
+        # warnings print above the bar, not through it
+        with (
+            logging_redirect_tqdm(loggers=[logging.getLogger()]),
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=f"prepare {Path(output).name}",
+                disable=not progress,
+                file=sys.stderr,
+            ) as bar,
+        ):
             for res in results:
                 for reason, detail in res.skips:
                     if strict and reason != "empty":

@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", help="corpus whose tokenizer to use (default: the run's, if a local directory)")
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # progress lines
     cfg = ProbeConfig(num_pairs=tuple(int(x) for x in a.pairs.split(",")), num_prompts=a.prompts, seed=a.seed)
     for c in a.checkpoints:
         print(json.dumps(probe_checkpoint(c, cfg, a.device, a.data)))

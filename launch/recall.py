@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="MQAR corpus (default: the run's data.path)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # progress lines
     try:
         for c in a.checkpoints:
             print(json.dumps(recall_checkpoint(c, a.data, a.device)))
