@@ -265,10 +265,10 @@ class TokenLoader:
             )
         if sequences > per_rank * W * B:
             log.info(
-                "val: using %d of %d sequences so that all %d ranks get %d batches",
+                "val: using %d of %d sequences so that %s %d batches",
                 per_rank * W * B,
                 sequences,
-                W,
+                f"all {W} ranks get" if W > 1 else "it makes",
                 per_rank,
             )
         return per_rank

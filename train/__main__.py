@@ -16,7 +16,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from .config import ConfigError, describe, env_rank, register, to_config
+from .config import ConfigError, env_rank, register, to_config
+from .config_check import describe
+from .console import setup_console
 
 log = logging.getLogger("train")
 
@@ -74,6 +76,7 @@ def main(dcfg: DictConfig) -> int:
     from .signals import exit_with_launcher
 
     lock, buf = None, None
+    setup_console(env_rank())  # rank 0 speaks; warnings once; no DeepSpeed chatter
     try:
         cfg = to_config(dcfg)  # every range check, before anything starts
         exit_with_launcher()
@@ -104,5 +107,8 @@ def main(dcfg: DictConfig) -> int:
 
 if __name__ == "__main__":
     sys.argv = _strip_launcher_args(sys.argv)
+    from .show import handle_flags
+
+    handle_flags(sys.argv[1:])  # --cfg job, --help: print and exit
     check_overrides(sys.argv[1:])
     main()

@@ -36,7 +36,9 @@ from .checkpoint_layout import read_state
 from .config import Config, SpikePolicy, to_container
 from .optim import clip_grad_norm_, lr_multiplier, set_lr
 from .profiling import profile_step
+from .progress import progress
 from .resume import check_compatible, find_checkpoint
+from .show import log_layout, plural, write_run_files
 from .signals import StopRequest
 from .spikes import (
     ACTION_CODES,
@@ -46,6 +48,7 @@ from .spikes import (
     is_finite,
     largest_layer_grad_norm,
 )
+from .summary import end_summary
 from .throughput import flops_per_token, memory_gb, peak_flops
 
 log = logging.getLogger("train")
@@ -62,6 +65,7 @@ class Trainer:
         td = self.train_data
         ids = {"bos_token_id": td.bos_id, "eos_token_id": td.eos_id, "pad_token_id": td.pad_id}
         self.model_cfg, model = build_model(cfg, td.vocab_size, ids)
+        log_layout(self.model_cfg)
         log_kernels(model)
         self.param_shapes = {n: list(p.shape) for n, p in model.named_parameters()}
         self.moe_layers = [i for i, moe in enumerate(self.model_cfg.layers_is_moe) if moe]
@@ -82,6 +86,7 @@ class Trainer:
             )
         apply_parallelism(model, cfg, dist)
         maybe_compile(model, cfg, dist)
+        log.info("starting the DeepSpeed engine (%s)", plural(dist.world_size, "rank"))
         self.engine, self.optimizer = build_engine(model, cfg, dist, self.precision)
         self.checkpointer.install_safe_loading(self.engine)
         self.spikes = SpikeDetector(cfg.spikes)
@@ -96,17 +101,20 @@ class Trainer:
         else:
             self._resume(resume_from)
         self.train_iter = iter(self.train_data)
+        if cfg.logging.wandb.mode.value != "disabled":
+            log.info("starting W&B (%s)", cfg.logging.wandb.mode.value)
         self.metrics = build_metrics(cfg, dist, self.config, self.model_cfg, self.wandb_id)
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len, model)
         self.peak_flops = peak_flops(dist.device, cfg.logging.peak_tflops)
         n = sum(p.numel() for p in model.parameters())
         log.info(
-            "model %s: %.2fM parameters on this rank, %s, ZeRO-%d, %d ranks, global batch %d x %d tokens",
+            "model %s (%s): %.2fM parameters on this rank, %s, ZeRO-%d, %s, global batch %d x %d tokens",
             cfg.model.preset,
+            self.model_cfg.pattern,
             n / 1e6,
             self.precision,
             self.engine.zero_optimization_stage(),
-            dist.world_size,
+            plural(dist.world_size, "rank"),
             self.global_batch,
             cfg.data.seq_len,
         )
@@ -344,26 +352,41 @@ class Trainer:
         if self.val_data is None:
             return {}
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        for i, (x, y) in enumerate(self.val_data):
-            if self.cfg.trainer.eval_batches and i >= self.cfg.trainer.eval_batches:
-                break
-            out = self.engine(x.to(self.dist.device), labels=y.to(self.dist.device))
-            n = float((y != -100).sum())
-            total += torch.tensor([float(out.lm_loss) * n, n], dtype=torch.float64)
+        eb = self.cfg.trainer.eval_batches
+        total = torch.zeros(
+            4, dtype=torch.float64
+        )  # loss x tokens, tokens, batches, ranks that stopped early
+        with progress(f"evaluating {'the whole val split' if not eb else f'{eb} batches'}") as tick:
+            for i, (x, y) in enumerate(self.val_data):
+                if eb and i >= eb:
+                    total[3] += 1
+                    break
+                out = self.engine(x.to(self.dist.device), labels=y.to(self.dist.device))
+                n = float((y != -100).sum())
+                total += torch.tensor([float(out.lm_loss) * n, n, 1, 0], dtype=torch.float64)
+                tick()
         self.engine.train()
         D.all_reduce_(total)
         loss = float(total[0] / total[1].clamp(min=1))
-        return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+        return {
+            "val/loss": loss,
+            "val/ppl": math.exp(min(loss, 50.0)),
+            "val/tokens": int(total[1]),
+            "val/batches": int(total[2]),  # over all ranks
+            "val/whole_split": int(total[3] == 0),  # every rank read its whole val share
+        }
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> None:
         cfg, tc = self.cfg, self.cfg.trainer
         self.stop.install()  # SIGTERM / SIGUSR1 (Slurm, launchers): every rank saves, then stops
+        if self.dist.is_main:  # the run has started: keep what it trains beside its log
+            write_run_files(self.run_dir, self.config, self.model_cfg)
         if self.step >= tc.max_steps:
             log.info("already at step %d of trainer.max_steps=%d: nothing to do", self.step, tc.max_steps)
             return
         busy, steps, first, evaluated = 0.0, 0, self.step + 1, False
+        started = time.perf_counter()
         while self.step < tc.max_steps and not self.stop.stopping:
             # logging.profile_step: rank 0 records this one step (writing the files is not timed)
             with profile_step(
@@ -409,6 +432,8 @@ class Trainer:
         if cfg.checkpoint.save_final or self.stop.stopping:
             self.save()
         self.finish_save()
+        if self.dist.is_main:
+            end_summary(self, time.perf_counter() - started, first - 1)
 
     def _log_eval(self) -> None:
         if m := self.evaluate():
