@@ -12,6 +12,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from .build import (
     set_deterministic,
 )
 from .checkpoint import Checkpointer
-from .checkpoint_layout import read_state
+from .checkpoint_layout import read_state, tag_for
 from .config import Config, SpikePolicy, to_container
 from .optim import clip_grad_norm_, lr_multiplier, set_lr
 from .profiling import profile_step
@@ -55,9 +56,16 @@ log = logging.getLogger("train")
 HEAD = 7  # slots of the step statistics before the per-layer ones (see _forward_backward)
 
 
+def stop_agreed(stop: StopRequest, dist: D.Dist) -> bool:
+    """Collective: whether a stop signal reached any rank (outside the steps, which carry the vote)."""
+    vote = torch.tensor([stop.local()], dtype=torch.float64, device=dist.device)
+    return stop.agree(float(D.all_reduce_(vote)[0]))
+
+
 class Trainer:
-    def __init__(self, cfg: Config, dist: D.Dist) -> None:
+    def __init__(self, cfg: Config, dist: D.Dist, stop: StopRequest | None = None) -> None:
         self.cfg, self.dist = cfg, dist
+        self.stop = stop or StopRequest()  # train/__main__.py passes the one installed at start-up
         self.run_dir = Path(cfg.run_dir).absolute()
         torch.manual_seed(cfg.trainer.seed + dist.rank)
         self._was_deterministic = set_deterministic(cfg.trainer.deterministic)
@@ -93,7 +101,6 @@ class Trainer:
         self.step = self.samples = self.tokens = self.rollbacks = 0
         self.last_saved: int | None = None
         self.wandb_id = uuid.uuid4().hex[:8]
-        self.stop = StopRequest()
         self.rollback_requested = False
         self.faulted_steps: set[int] = set()
         if resume_from is None:
@@ -377,11 +384,11 @@ class Trainer:
         }
 
     # ---- the loop --------------------------------------------------------------------------------------------
-    def fit(self) -> None:
-        cfg, tc = self.cfg, self.cfg.trainer
-        self.stop.install()  # SIGTERM / SIGUSR1 (Slurm, launchers): every rank saves, then stops
-        if self.dist.is_main:  # the run has started: keep what it trains beside its log
-            write_run_files(self.run_dir, self.config, self.model_cfg)
+    def fit(self, on_underway: Callable[[], None] | None = None) -> None:
+        """Train to max_steps or an agreed stop; `on_underway` runs once this attempt's first step is done."""
+        cfg, tc, self.fit_from = self.cfg, self.cfg.trainer, self.step
+        if stop_agreed(self.stop, self.dist):  # a signal while the model was built or loaded: no step
+            return
         if self.step >= tc.max_steps:
             log.info("already at step %d of trainer.max_steps=%d: nothing to do", self.step, tc.max_steps)
             return
@@ -398,6 +405,10 @@ class Trainer:
             busy, steps = busy + step_s, steps + 1
             if self.step == first:
                 self.prepare_saves()
+                if on_underway is not None:
+                    on_underway()
+                if self.dist.is_main:  # the attempt is underway: keep what it trains beside its log
+                    write_run_files(self.run_dir, self.config, self.model_cfg)
             if self.step % cfg.logging.interval == 0 or self.step in (first, tc.max_steps):
                 dt = busy / steps  # time in train steps only (not eval or checkpoints)
                 tps = self.global_batch * cfg.data.seq_len / dt
@@ -425,7 +436,7 @@ class Trainer:
                 self._log_eval()
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 self.save()
-        if self.stop.stopping:
+        if self.stop.stopping and self.dist.is_main:
             log.warning("stop requested (a signal on some rank): saving step %d and exiting", self.step)
         elif not evaluated:
             self._log_eval()
@@ -434,6 +445,17 @@ class Trainer:
         self.finish_save()
         if self.dist.is_main:
             end_summary(self, time.perf_counter() - started, first - 1)
+
+    def stop_summary(self) -> str | None:
+        """Where a stop signal left the run (None: no stop); after `fit`."""
+        if not self.stop.stopping:
+            return None
+        by, latest = f"stopped by {self.stop.name()}", self.checkpointer.latest()
+        if self.step == self.fit_from:
+            return f"{by} before training, at step {self.step}: nothing was written"
+        if latest is not None and latest.name == tag_for(self.step):
+            return f"{by} at step {self.step}: saved {latest}"
+        return f"{by} at step {self.step}: not saved (the newest complete checkpoint is {latest})"
 
     def _log_eval(self) -> None:
         if m := self.evaluate():
