@@ -183,3 +183,59 @@ def trained_corpus(state: dict | None) -> str | None:
         return str(data["mixture"][0]["path"] if data.get("mixture") else data["path"])
     except (KeyError, IndexError, TypeError):
         return None
+
+
+# Config fields that change neither the weights' shapes nor the forward (runtime and initialisation knobs).
+_NOT_ARCHITECTURE = {
+    "extra",
+    "activation_checkpointing",
+    "use_kernels",
+    "scan_backend",
+    "scan_chunk_size",
+    "scan_block_size",
+    "loss_chunk_size",
+    "ff_chunk_size",
+    "residual_in_fp32",
+    "initializer_range",
+    "mamba_dt_min",
+    "mamba_dt_max",
+    "mamba_dt_init_floor",
+    "max_position_embeddings",
+}
+# The layout is compared as a pattern string: periods and a layer_pattern may describe the same layers.
+_LAYOUT = {
+    "layer_pattern",
+    "attn_layer_period",
+    "attn_layer_offset",
+    "expert_layer_period",
+    "expert_layer_offset",
+}
+
+
+def config_differences(there: JambaConfig, here: JambaConfig) -> list[str]:
+    """'field X there, Y here' for every architecture field that differs ('layout' for the layer pattern)."""
+    a, b = there.to_dict(), here.to_dict()
+    skip = _NOT_ARCHITECTURE | _LAYOUT
+    out = [f"{k} {a[k]!r} there, {b[k]!r} here" for k in a if k in b and k not in skip and a[k] != b[k]]
+    if there.pattern != here.pattern:
+        out.insert(0, f"layout {there.pattern!r} there, {here.pattern!r} here")
+    return out
+
+
+def init_from(model, path: str | Path) -> Weights:
+    """Copy the weights of any checkpoint form into `model` (weights only: the caller starts a fresh step,
+    schedule, data position and optimizer). A model of another shape is a ValueError of one line naming
+    the config fields that differ; fields that differ without changing shapes (RoPE, special token ids,
+    router coefficients) are returned by config_differences for the caller to log."""
+    from jamba.hf_compat import load_hf_state_dict
+
+    w = load_weights(path)
+    try:
+        load_hf_state_dict(model, w.state_dict)
+    except ValueError as err:
+        diffs = config_differences(w.config, model.config)
+        what = "; ".join(diffs) or str(err).replace("\n", " ")[:300]
+        raise ValueError(
+            f"init_from={path} holds a model of another shape: {what}; set model.* to match"
+        ) from None
+    return w
