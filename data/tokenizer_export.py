@@ -46,8 +46,8 @@ def byte_tokenizer_json() -> str:
     return tok.to_str()
 
 
-def write_tokenizer(corpus: str | Path, out_dir: str | Path) -> dict[str, int]:
-    """Write the corpus's tokenizer files into out_dir; returns its bos/eos/pad token ids."""
+def tokenizer_files(corpus: str | Path) -> tuple[dict[str, str], dict[str, int]]:
+    """The corpus's tokenizer files (name -> text, nothing written) and its bos/eos/pad token ids."""
     info = load_manifest(str(corpus)).tokenizer
     if info["kind"] == "byte":
         text = byte_tokenizer_json()
@@ -58,8 +58,6 @@ def write_tokenizer(corpus: str | Path, out_dir: str | Path) -> dict[str, int]:
     tok = Tokenizer.from_str(text)
     ids = {f"{k}_token_id": int(info[f"{k}_id"]) for k in ("bos", "eos", "pad")}
     names = {f"{k}_token": tok.id_to_token(ids[f"{k}_token_id"]) for k in ("bos", "eos", "pad")}
-    out = Path(out_dir)
-    (out / "tokenizer.json").write_text(text)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **names,
@@ -68,6 +66,18 @@ def write_tokenizer(corpus: str | Path, out_dir: str | Path) -> dict[str, int]:
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1 << 30,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(names, indent=1) + "\n")
+    files = {
+        "tokenizer.json": text,
+        "tokenizer_config.json": json.dumps(config, indent=1) + "\n",
+        "special_tokens_map.json": json.dumps(names, indent=1) + "\n",
+    }
+    assert tuple(files) == TOKENIZER_FILES
+    return files, ids
+
+
+def write_tokenizer(corpus: str | Path, out_dir: str | Path) -> dict[str, int]:
+    """Write the corpus's tokenizer files into out_dir; returns its bos/eos/pad token ids."""
+    files, ids = tokenizer_files(corpus)
+    for name, text in files.items():
+        (Path(out_dir) / name).write_text(text)
     return ids

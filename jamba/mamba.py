@@ -2,16 +2,43 @@
 
 Parameter names and shapes follow transformers' JambaMambaMixer so weights load unchanged.
 A_log, D and dt_proj.bias are used in fp32 whatever the module dtype (bf16 instability otherwise).
+
+Generation: `new_cache` gives a recurrent state (the conv's last d_conv - 1 inputs and the scan's state);
+`forward(x, cache=...)` then takes the next tokens only, at a cost that does not grow with the context.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import JambaConfig
 from .norm import RMSNorm
-from .scan import causal_conv1d, conv_backend, resolve_scan_backend, selective_scan
+from .scan import _scan_block, causal_conv1d, conv_backend, resolve_scan_backend, selective_scan
+
+try:  # mamba-ssm's one-token state update (Triton, CUDA only), optional
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    selective_state_update = None
+
+
+@dataclass
+class MambaCache:
+    conv: torch.Tensor  # [b, d_inner, d_conv - 1]: the conv's last inputs (zeros before the first token)
+    ssm: torch.Tensor  # [b, d_inner, d_state], fp32: the scan's state after the tokens seen
+    length: int = 0  # tokens seen
+
+
+def selective_state_step(h, u, delta, A, B, C, D, z, delta_bias) -> torch.Tensor:
+    """One token of the selective scan, updating the state h [b, d, n] (fp32) in place; u, delta, z [b, d],
+    B, C [b, n]. The same arithmetic as jamba.scan's reference (softplus of delta + bias)."""
+    dt = F.softplus(delta.float() + delta_bias.float())
+    h.mul_(torch.exp(dt.unsqueeze(-1) * A)).add_((dt * u.float()).unsqueeze(-1) * B.float().unsqueeze(1))
+    y = (h @ C.float().unsqueeze(-1)).squeeze(-1) + D.float() * u.float()
+    return (y * F.silu(z.float())).to(u.dtype)
 
 
 class MambaMixer(nn.Module):
@@ -48,7 +75,37 @@ class MambaMixer(nn.Module):
             p._no_weight_decay = True  # read by the optimizer's param groups
             p._keep_fp32 = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def new_cache(self, batch_size: int, max_len: int, device, dtype) -> MambaCache:
+        """max_len is unused: the state does not grow with the context."""
+        w = self.conv1d.weight.shape[-1]
+        return MambaCache(
+            conv=torch.zeros(batch_size, self.d_inner, w - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+        )
+
+    def _conv_cached(self, u: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        """SiLU(causal conv) of u [b, d, L] continuing from the cached inputs; keeps the last d_conv - 1."""
+        window = torch.cat([cache.conv.to(u.dtype), u], dim=-1)
+        keep = cache.conv.shape[-1]
+        if keep:
+            cache.conv.copy_(window[..., window.shape[-1] - keep :])
+        return F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
+
+    def _scan_cached(self, u, delta, A, B, C, z, cache: MambaCache) -> torch.Tensor:
+        """The scan from the cached state: one token by a state update (mamba-ssm's kernel on a GPU where
+        installed), several (a prompt) by the chunked PyTorch scan started from that state."""
+        bias, D = self.dt_proj.bias.float(), self.D.float()
+        if u.shape[-1] > 1:
+            y, cache.ssm = _scan_block(u, delta, A, B, C, D, z, bias, cache.ssm, True, self.scan_chunk)
+            return y
+        args = (u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0], D, z[..., 0], bias)
+        if selective_state_update is not None and u.is_cuda and self.use_kernels:
+            y = selective_state_update(cache.ssm, *args[:7], dt_bias=bias, dt_softplus=True)
+        else:
+            y = selective_state_step(cache.ssm, *args)
+        return y.unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
         b, L, _ = x.shape
         # in_proj computed channel-major, W @ x^T = [2d, b*L], then viewed as [b, 2d, L] (strides L, b*L, 1):
         # every row is contiguous in time, which is all the conv and scan kernels need, so u and z reach
@@ -57,13 +114,20 @@ class MambaMixer(nn.Module):
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
         u, z = xz.view(-1, b, L).permute(1, 0, 2).chunk(2, dim=1)
-        u = causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, backend=self.conv_backend)
+        if cache is None:
+            u = causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, backend=self.conv_backend)
+        else:
+            u = self._conv_cached(u, cache)
         dbc = self.x_proj(u.transpose(1, 2))  # [b, L, r + 2n]
         dt, B, C = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # The norms return fp32 under autocast (fp32 weights); the CUDA scan wants B, C in u's dtype.
         dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B).to(u.dtype), self.c_layernorm(C).to(u.dtype)
         delta = self.dt_proj.weight @ dt.transpose(1, 2)  # bias is added in fp32 inside the scan
         A = -torch.exp(self.A_log.float())
+        if cache is not None:
+            y = self._scan_cached(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), z, cache)
+            cache.length += L
+            return self.out_proj(y.transpose(1, 2))
         y = selective_scan(
             u,
             delta,

@@ -45,10 +45,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
-        mixer = self.self_attn if self.kind == "attention" else self.mamba
+    @property
+    def mixer(self) -> nn.Module:
+        return self.self_attn if self.kind == "attention" else self.mamba
+
+    def forward(self, x: torch.Tensor, cache=None) -> tuple[torch.Tensor, dict | None]:
+        """cache: this layer's mixer cache (generation), or None."""
         # branch outputs join the residual stream in its dtype (fp32, or bf16 with residual_in_fp32=False)
-        x = x + mixer(self.input_layernorm(x)).to(x.dtype)
+        x = x + self.mixer(self.input_layernorm(x), cache=cache).to(x.dtype)
         stats = None
         if self.is_moe:
             y, stats = self.feed_forward(self.pre_ff_layernorm(x))
@@ -75,14 +79,18 @@ class JambaModel(nn.Module):
             or (c == "moe" and layer.is_moe)
         )
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    def forward(self, input_ids: torch.Tensor, cache: list | None = None) -> tuple[torch.Tensor, list[dict]]:
+        """cache: one mixer cache per layer (JambaForCausalLM.new_cache); input_ids then are the tokens that
+        follow those the caches have seen, and the caches are updated."""
         x = self.embed_tokens(input_ids)
         dev = x.device.type
         if not self.residual_in_fp32 and torch.is_autocast_enabled(dev):
             x = x.to(torch.get_autocast_dtype(dev))  # every residual add then stays in that dtype
         all_stats = []
-        for layer in self.layers:
-            if self.training and torch.is_grad_enabled() and self._checkpointed(layer):
+        for i, layer in enumerate(self.layers):
+            if cache is not None:
+                x, stats = layer(x, cache[i])
+            elif self.training and torch.is_grad_enabled() and self._checkpointed(layer):
                 x, stats = checkpoint(layer, x, use_reentrant=False)
             else:
                 x, stats = layer(x)
@@ -123,11 +131,22 @@ class JambaForCausalLM(nn.Module):
         if init:
             init_weights(self, cfg, seed=seed)
 
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list:
+        """One cache per layer for generating up to max_len tokens (prompt included); dtype: that of the
+        activations (the autocast dtype under autocast). Pass it to forward(cache=...)."""
+        p = self.lm_head.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        return [layer.mixer.new_cache(batch_size, max_len, device, dtype) for layer in self.model.layers]
+
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, return_logits: bool | None = None
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        return_logits: bool | None = None,
+        cache: list | None = None,
     ) -> JambaOutput:
         """labels are aligned with input_ids (already shifted: labels[t] is the token after input_ids[t]);
-        -100 is ignored. Logits are returned when asked, or when no labels are given."""
+        -100 is ignored. Logits are returned when asked, or when no labels are given. cache: see new_cache."""
         if input_ids.is_cuda:  # no host sync on GPU: a bad id fails the step asynchronously
             torch._assert_async(
                 (input_ids.max() < self.config.vocab_size) & (input_ids.min() >= 0),
@@ -138,7 +157,7 @@ class JambaForCausalLM(nn.Module):
                 f"input_ids out of range [0, {self.config.vocab_size}): "
                 f"min {int(input_ids.min())}, max {int(input_ids.max())}"
             )
-        h, stats = self.model(input_ids)
+        h, stats = self.model(input_ids, cache)
         out = JambaOutput(router_stats=stats)
         if return_logits or labels is None:
             out.logits = self.lm_head(h)

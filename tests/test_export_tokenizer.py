@@ -14,9 +14,9 @@ from data.prepare import prepare
 from data.tokenizer import tokenizer_for_corpus, train_bpe
 from data.tokenizer_export import write_tokenizer
 from jamba import JambaConfig, JambaForCausalLM
-from jamba.export import export
 from jamba.hf_compat import to_hf_state_dict
 from train.eval import evaluate
+from train.export import export
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,7 +46,9 @@ def trainer_checkpoint(root, corpus: str) -> JambaForCausalLM:
         {k: v.contiguous() for k, v in to_hf_state_dict(model).items()}, str(tag / "model_state.safetensors")
     )
     (tag / "model_config.json").write_text(json.dumps(config.to_dict()))
-    (tag / "trainer_state.json").write_text(json.dumps({"config": {"data": {"path": corpus, "mixture": []}}}))
+    (tag / "trainer_state.json").write_text(
+        json.dumps({"version": 1, "step": 1, "config": {"data": {"path": corpus, "mixture": []}}})
+    )
     return model
 
 

@@ -16,7 +16,6 @@ import transformers  # pinned in the test extra: a broken install fails here
 from transformers.models.jamba.modeling_jamba import load_balancing_loss_func
 
 from jamba import JambaConfig, JambaForCausalLM
-from jamba.export import main as export_main
 from jamba.hf_compat import (
     config_from_hf,
     config_to_hf,
@@ -26,6 +25,7 @@ from jamba.hf_compat import (
     save_pretrained_dir,
     to_hf_state_dict,
 )
+from train.export import main as export_main
 
 VOCAB = 101
 

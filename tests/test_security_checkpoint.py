@@ -10,7 +10,6 @@ import pytest
 from test_data_common import make_prepared
 
 from jamba import JambaConfig, JambaForCausalLM
-from jamba.export import main as export_main
 from jamba.hf_compat import to_hf_state_dict
 from launch.probe import ProbeConfig, probe_checkpoint
 from launch.report import main as report_main
@@ -23,6 +22,7 @@ from train.checkpoint_layout import (
     resolve,
 )
 from train.eval import main as eval_main
+from train.export import main as export_main
 
 pytestmark = pytest.mark.timeout(60)
 PROBE = ["--pairs", "2", "--prompts", "4"]

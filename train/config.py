@@ -312,6 +312,10 @@ class Config:
     run_name: str = "${model.preset}"  # the run folder's name under runs/ (a plain name)
     run_dir: str = "runs/${run_name}"  # the same on every rank: no timestamps (see docs/train.md)
     resume: str = "auto"  # auto: the newest complete checkpoint in checkpoint.dir, if any | never | <path>
+    # Start from these weights (a run folder, checkpoint root, step_N folder, or a transformers Jamba folder: an
+    # export or a published JambaForCausalLM) with a fresh step, schedule, data position and optimizer. A run
+    # that already has its own checkpoint resumes that instead (the job restarted: its weights moved on).
+    init_from: str | None = None
 
     def validate(self) -> None:
         """Range checks (run by `to_config`; __post_init__ would also run on the schema's unresolved defaults)."""
@@ -321,6 +325,11 @@ class Config:
             f"{self.run_name!r} is not a plain directory name (letters, digits, '._-'; not '.' or '..')",
         )
         self._check_expert_split()
+        _need(
+            self.init_from is None or os.path.exists(self.init_from),
+            "init_from",
+            f"{self.init_from!r} does not exist (a run folder, step_N folder or transformers Jamba folder)",
+        )
         _need(
             not (self.trainer.deterministic and self.model.scan_backend == "mamba_ssm"),
             "trainer.deterministic",

@@ -108,7 +108,7 @@ def config_yaml(cfg: Config, m: JambaConfig) -> str:
 
 def write_run_files(run_dir: Path, config: dict, m: JambaConfig) -> None:
     """Rank 0, once the run has started: <run_dir>/config.yaml (resolved) and layout.txt."""
-    from .checkpoint import atomic_write
+    from .checkpoint_layout import atomic_write
 
     d = {**config, "model": {"preset": config["model"]["preset"], **_model_fields(config, m)}}
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(d)))
