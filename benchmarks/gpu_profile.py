@@ -17,13 +17,16 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from jamba import JambaForCausalLM, get_preset
+from jamba.layers import MIXERS
+
+MIXER_ATTRS = {m.attr for m in MIXERS.values()}
 
 
 def tag_modules(model: torch.nn.Module) -> None:
     """Wrap each layer part's forward in a record_function range so the profile groups by part."""
     for name, mod in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("mamba", "self_attn", "feed_forward", "lm_head") or name.endswith("embed_tokens"):
+        if leaf in (*MIXER_ATTRS, "feed_forward", "lm_head") or name.endswith("embed_tokens"):
             kind = leaf if leaf != "feed_forward" else type(mod).__name__
             fwd = mod.forward
 

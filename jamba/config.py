@@ -11,10 +11,20 @@ import math
 import re
 from dataclasses import dataclass, field
 
-# One layer = a mixer symbol ('M' Mamba, '*' attention, as in Megatron's hybrid pattern)
-# optionally followed by 'E' when its feed-forward is a mixture of experts. Spaces and '|' are ignored.
-_LAYER_RE = re.compile(r"([M*])(E?)")
-CHECKPOINT_CHOICES = ("none", "full", "mamba", "attention", "moe")
+from .layers import ATTENTION, CHECKPOINT_CHOICES, FEED_FORWARDS, MIXERS, PERIODS_OTHER, symbols_help
+
+# One layer = a mixer symbol of jamba/layers.py ('M' Mamba, '*' attention, as in Megatron's hybrid pattern)
+# optionally followed by a feed-forward symbol ('E': mixture of experts). Spaces and '|' are ignored.
+_LAYER_RE = re.compile(
+    "([" + re.escape("".join(MIXERS)) + "])(" + "|".join(re.escape(f) for f in FEED_FORWARDS if f) + ")?"
+)
+__all__ = [
+    "CHECKPOINT_CHOICES",
+    "JambaConfig",
+    "parse_pattern",
+    "pattern_from_periods",
+    "periods_from_pattern",
+]
 
 
 @dataclass
@@ -26,12 +36,13 @@ class JambaConfig:
     num_attention_heads: int = 32
     num_key_value_heads: int = 8
     hidden_act: str = "silu"
-    # Layout, transformers style: attention where i % period == offset, MoE likewise.
-    attn_layer_period: int = 8
-    attn_layer_offset: int = 4
-    expert_layer_period: int = 2
-    expert_layer_offset: int = 1
-    # Layout, pattern style (overrides the periods when set), e.g. "MMEMME*MEMME" ...
+    # Layout, transformers style: attention where i % period == offset, Mamba elsewhere, MoE likewise. An input
+    # form only: the layout is `pattern`, and a saved config holds the pattern alone (periods None).
+    attn_layer_period: int | None = 8
+    attn_layer_offset: int | None = 4
+    expert_layer_period: int | None = 2
+    expert_layer_offset: int | None = 1
+    # Layout, pattern style (overrides the periods when set), e.g. "MMEMME*MEMME" (jamba/layers.py's symbols)
     layer_pattern: str | None = None
     num_experts: int = 16
     num_experts_per_tok: int = 2
@@ -44,6 +55,10 @@ class JambaConfig:
     mamba_dt_min: float = 0.001
     mamba_dt_max: float = 0.1
     mamba_dt_init_floor: float = 1e-4
+    # Mamba-2 layers ('S'): they share mamba_expand, mamba_d_conv, the biases and the dt range with Mamba-1
+    mamba2_d_state: int = 128
+    mamba2_head_dim: int = 64
+    mamba2_n_groups: int = 1
     rms_norm_eps: float = 1e-6
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.0
@@ -98,8 +113,9 @@ class JambaConfig:
             "mamba_d_state",
             "mamba_d_conv",
             "mamba_expand",
-            "attn_layer_period",
-            "expert_layer_period",
+            "mamba2_d_state",
+            "mamba2_head_dim",
+            "mamba2_n_groups",
             "scan_chunk_size",
             "scan_block_size",
             "loss_chunk_size",
@@ -120,16 +136,20 @@ class JambaConfig:
             "scan_backend",
             f"must be auto|triton|mamba_ssm|torch, got {self.scan_backend!r}",
         )
-        need(
-            0 <= self.attn_layer_offset < self.attn_layer_period,
-            "attn_layer_offset",
-            f"must be in [0, attn_layer_period={self.attn_layer_period}), got {self.attn_layer_offset}",
-        )
-        need(
-            0 <= self.expert_layer_offset < self.expert_layer_period,
-            "expert_layer_offset",
-            f"must be in [0, expert_layer_period={self.expert_layer_period}), got {self.expert_layer_offset}",
-        )
+        for kind in ("attn", "expert"):
+            period, offset = getattr(self, f"{kind}_layer_period"), getattr(self, f"{kind}_layer_offset")
+            if self.layer_pattern is not None and period is None and offset is None:
+                continue  # a saved config: the pattern alone
+            need(
+                isinstance(period, int) and not isinstance(period, bool) and period > 0,
+                f"{kind}_layer_period",
+                f"must be a positive int (or, with layer_pattern set, None), got {period!r}",
+            )
+            need(
+                isinstance(offset, int) and 0 <= offset < period,
+                f"{kind}_layer_offset",
+                f"must be in [0, {kind}_layer_period={period}), got {offset!r}",
+            )
         need(
             self.hidden_size % self.num_attention_heads == 0,
             "num_attention_heads",
@@ -182,35 +202,44 @@ class JambaConfig:
             )
             if any(moe for _, moe in layers):
                 need(self.num_experts > 1, "layer_pattern", "has MoE layers ('E') but num_experts=1")
+        if "mamba2" in self.layers_block_type:
+            need(
+                self.mamba_d_inner % (self.mamba2_head_dim * self.mamba2_n_groups) == 0,
+                "mamba2_head_dim",
+                f"mamba2_head_dim={self.mamba2_head_dim} x mamba2_n_groups={self.mamba2_n_groups} must divide "
+                f"the Mamba inner width mamba_expand * hidden_size = {self.mamba_d_inner}",
+            )
 
     # ---- layout -----------------------------------------------------------------------------
     @property
-    def layers_block_type(self) -> list[str]:
-        """'attention' or 'mamba' per layer (transformers' name for it)."""
+    def layers(self) -> list[tuple[str, bool]]:
+        """(mixer symbol, MoE feed-forward) per layer, whichever form the layout was written in."""
         if self.layer_pattern is not None:
-            return ["attention" if m == "*" else "mamba" for m, _ in parse_pattern(self.layer_pattern)]
-        return [
-            "attention" if i % self.attn_layer_period == self.attn_layer_offset else "mamba"
-            for i in range(self.num_hidden_layers)
-        ]
+            return [(m, moe and self.num_experts > 1) for m, moe in parse_pattern(self.layer_pattern)]
+        return parse_pattern(
+            pattern_from_periods(
+                self.num_hidden_layers,
+                self.attn_layer_period,
+                self.attn_layer_offset,
+                self.expert_layer_period,
+                self.expert_layer_offset,
+                moe=self.num_experts > 1,
+            )
+        )
+
+    @property
+    def layers_block_type(self) -> list[str]:
+        """The mixer's registry name per layer ('attention', 'mamba', 'mamba2', ...)."""
+        return [MIXERS[m].name for m, _ in self.layers]
 
     @property
     def layers_is_moe(self) -> list[bool]:
-        if self.num_experts <= 1:
-            return [False] * self.num_hidden_layers
-        if self.layer_pattern is not None:
-            return [moe for _, moe in parse_pattern(self.layer_pattern)]
-        return [
-            i % self.expert_layer_period == self.expert_layer_offset for i in range(self.num_hidden_layers)
-        ]
+        return [moe for _, moe in self.layers]
 
     @property
     def pattern(self) -> str:
         """The layout as a pattern string, whichever form the config was written in."""
-        return "".join(
-            ("*" if t == "attention" else "M") + ("E" if e else "")
-            for t, e in zip(self.layers_block_type, self.layers_is_moe, strict=False)
-        )
+        return "".join(m + ("E" if e else "") for m, e in self.layers)
 
     @property
     def head_dim(self) -> int:
@@ -225,7 +254,18 @@ class JambaConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """What model_config.json holds: one layout, the pattern (the periods are None)."""
+        d = dataclasses.asdict(self)
+        d["layer_pattern"] = self.pattern
+        for k in ("attn_layer_period", "attn_layer_offset", "expert_layer_period", "expert_layer_offset"):
+            d[k] = None
+        return d
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when they describe the same model: a layout written as periods equals its pattern."""
+        return isinstance(other, JambaConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # mutable, as a dataclass with eq
 
     @classmethod
     def from_dict(cls, d: dict) -> JambaConfig:
@@ -245,7 +285,7 @@ def parse_pattern(pattern: str) -> list[tuple[str, bool]]:
         if m is None:
             raise ValueError(
                 f"JambaConfig.layer_pattern: unexpected {s[pos]!r} at position {pos} of {pattern!r}; "
-                "use 'M' (Mamba) or '*' (attention), each optionally followed by 'E' (MoE)"
+                f"use {symbols_help()}"
             )
         out.append((m.group(1), m.group(2) == "E"))
         pos = m.end()
@@ -261,9 +301,11 @@ def pattern_from_periods(
     expert_period: int,
     expert_offset: int,
     moe: bool = True,
+    mixer: str = PERIODS_OTHER,
 ) -> str:
+    """The pattern of a periods layout: attention at i % attn_period == attn_offset, `mixer` elsewhere."""
     return "".join(
-        ("*" if i % attn_period == attn_offset else "M")
+        (ATTENTION if i % attn_period == attn_offset else mixer)
         + ("E" if moe and i % expert_period == expert_offset else "")
         for i in range(num_layers)
     )
@@ -276,6 +318,8 @@ def periods_from_pattern(pattern: str) -> dict | None:
     """
     layers = parse_pattern(pattern)
     n = len(layers)
+    if any(m not in (ATTENTION, PERIODS_OTHER) for m, _ in layers):
+        return None  # transformers' periods place only attention and Mamba-1
 
     def find(flags: list[bool]) -> tuple[int, int] | None:
         if not any(flags):
@@ -286,7 +330,7 @@ def periods_from_pattern(pattern: str) -> dict | None:
                     return period, offset
         return None
 
-    attn = find([m == "*" for m, _ in layers])
+    attn = find([m == ATTENTION for m, _ in layers])
     exp = find([e for _, e in layers])
     if attn is None or exp is None:
         return None

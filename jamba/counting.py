@@ -11,63 +11,27 @@ Conventions (see docs/model.md):
     a matmul (one MAC per weight); biases, norms, activations, softmax and the router's top-k are ignored.
     Attention scores + values: 4 * seq_len * (heads * head_dim) per layer per token, halved for causal
     masking by default (`causal=False` gives PaLM's convention: training total = 6N + 12 * L * H * T).
-    Selective scan: SCAN_FLOPS_PER_STATE per (d_inner x d_state) element per token. Training = 3 x forward
+    Selective scan: SCAN_FLOPS_PER_STATE per (d_inner x d_state) element per token (Mamba-2:
+    SSD_FLOPS_PER_STATE per (d_inner x mamba2_d_state)). Each mixer's figures are its entry in jamba/layers.py. Training = 3 x forward
     (backward = 2 x forward); no activation-recomputation FLOPs are counted (MFU, not HFU).
 """
 
 from __future__ import annotations
 
 from .config import JambaConfig
-
-# Per state element and token: dA = exp(dt * A) (2), dt * u * B (1, dt * u is per channel), h = dA * h + dBu
-# (2), y += C * h (2). The O(d_inner) terms (D skip, gate, softplus) are ignored.
-SCAN_FLOPS_PER_STATE = 7
-
-
-def _mamba_params(cfg: JambaConfig) -> dict[str, int]:
-    h, d, n, r, w = cfg.hidden_size, cfg.mamba_d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.mamba_d_conv
-    pb = 1 if cfg.mamba_proj_bias else 0
-    return {
-        "in_proj": h * 2 * d + pb * 2 * d,
-        "conv1d": d * w + (d if cfg.mamba_conv_bias else 0),
-        "x_proj": d * (r + 2 * n),
-        "dt_proj": r * d + d,
-        "A_log": d * n,
-        "D": d,
-        "out_proj": d * h + pb * h,
-        "norms": r + 2 * n,  # dt, B, C RMSNorms
-    }
-
-
-def _mamba_matmul_params(cfg: JambaConfig) -> int:
-    h, d, n, r, w = cfg.hidden_size, cfg.mamba_d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.mamba_d_conv
-    return h * 2 * d + d * w + d * (r + 2 * n) + r * d + d * h
-
-
-def _attention_params(cfg: JambaConfig) -> int:
-    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return h * q + 2 * h * kv + q * h
-
-
-def _ffn_params(cfg: JambaConfig, moe: bool) -> tuple[int, int]:
-    """(total, active) of one feed-forward; all of it is matmul weights."""
-    expert = 3 * cfg.hidden_size * cfg.intermediate_size
-    if not moe:
-        return expert, expert
-    router = cfg.hidden_size * cfg.num_experts
-    return router + cfg.num_experts * expert, router + cfg.num_experts_per_tok * expert
+from .layers import FEED_FORWARDS, MIXERS, SCAN_FLOPS_PER_STATE  # noqa: F401 - SCAN_FLOPS_PER_STATE: interface
 
 
 def count_params(cfg: JambaConfig) -> dict:
     """{total, active, embedding, non_embedding, active_non_embedding, lm_head, final_norm, per_layer}.
 
     `embedding`: the input embedding plus an untied lm_head (both vocab x hidden). `per_layer`: one dict
-    per layer with kind ('attention'/'mamba'), moe, mixer, ffn, norms, total, active."""
+    per layer with kind (the mixer's registry name), moe, mixer, ffn, norms, total, active."""
     h, v = cfg.hidden_size, cfg.vocab_size
     per_layer = []
-    for i, (kind, moe) in enumerate(zip(cfg.layers_block_type, cfg.layers_is_moe, strict=True)):
-        mixer = _attention_params(cfg) if kind == "attention" else sum(_mamba_params(cfg).values())
-        ffn_total, ffn_active = _ffn_params(cfg, moe)
+    for i, (symbol, moe) in enumerate(cfg.layers):
+        kind, mixer = MIXERS[symbol].name, MIXERS[symbol].params(cfg)
+        ffn_total, ffn_active = FEED_FORWARDS["E" if moe else ""].params(cfg)
         norms = 2 * h  # input_layernorm, pre_ff_layernorm
         per_layer.append(
             {
@@ -106,26 +70,18 @@ def flops_per_token(cfg: JambaConfig, seq_len: int, training: bool = True, causa
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     matmul_params = cfg.vocab_size * cfg.hidden_size  # lm_head
-    n_attn = n_mamba = 0
-    for kind, moe in zip(cfg.layers_block_type, cfg.layers_is_moe, strict=True):
-        if kind == "attention":
-            n_attn += 1
-            matmul_params += _attention_params(cfg)
-        else:
-            n_mamba += 1
-            matmul_params += _mamba_matmul_params(cfg)
-        matmul_params += _ffn_params(cfg, moe)[1]
+    mixing = {m.flops_kind: 0.0 for m in MIXERS.values()}  # attention, selective_scan
+    for symbol, moe in cfg.layers:
+        spec = MIXERS[symbol]
+        matmul_params += spec.matmul_params(cfg) + FEED_FORWARDS["E" if moe else ""].params(cfg)[1]
+        mixing[spec.flops_kind] += spec.mixing_flops(cfg, seq_len, causal)
     mult = 3 if training else 1
-    attn_width = cfg.num_attention_heads * cfg.head_dim
-    keys = seq_len / 2 if causal else seq_len  # mean number of keys a query attends to
     matmul = mult * 2 * matmul_params
-    attention = mult * n_attn * 2 * 2 * keys * attn_width  # QK^T and AV, 2 FLOPs per MAC
-    scan = mult * n_mamba * SCAN_FLOPS_PER_STATE * cfg.mamba_d_inner * cfg.mamba_d_state
+    mixing = {k: mult * v for k, v in mixing.items()}
     return {
         "matmul": matmul,
-        "attention": attention,
-        "selective_scan": scan,
-        "total": matmul + attention + scan,
+        **mixing,
+        "total": matmul + sum(mixing.values()),
         "matmul_params": matmul_params,
         "multiplier": mult,
     }

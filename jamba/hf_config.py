@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .config import JambaConfig, periods_from_pattern
+from .layers import MIXERS
 
 HF_ARCHITECTURE = "JambaForCausalLM"
 
@@ -40,6 +41,7 @@ SHARED_FIELDS = (
     "mamba_conv_bias",
     "mamba_proj_bias",
 )
+_PERIODS = ("attn_layer_period", "attn_layer_offset", "expert_layer_period", "expert_layer_offset")
 # Ours only, but worth keeping with the weights (initialisation / training loss). transformers keeps
 # unknown config keys as plain attributes and never reads these.
 OURS_IN_HF = ("mamba_dt_min", "mamba_dt_max", "mamba_dt_init_floor", "router_z_loss_coef")
@@ -132,18 +134,23 @@ def config_to_hf(cfg: JambaConfig, use_mamba_kernels: bool | None = None) -> dic
             "config_to_hf: use_rope=True cannot be exported: transformers' Jamba attention has "
             "no positional encoding, the exported model would compute something else"
         )
+    for i, (symbol, _) in enumerate(cfg.layers):
+        if MIXERS[symbol].hf_name is None:  # the registry says why (jamba/layers.py)
+            raise ValueError(
+                f"config_to_hf: layer {i} is a {MIXERS[symbol].name} layer ({symbol!r} in {cfg.pattern!r}): not "
+                f"exportable, because {MIXERS[symbol].not_exportable}"
+            )
     d = {"model_type": "jamba", "architectures": [HF_ARCHITECTURE]}
     d.update({k: getattr(cfg, k) for k in SHARED_FIELDS})
-    if cfg.layer_pattern is not None:
-        periods = periods_from_pattern(cfg.layer_pattern)
+    if cfg.layer_pattern is not None or None in [d[k] for k in _PERIODS]:
+        periods = periods_from_pattern(cfg.pattern)  # the periods given, if any, are not the layout
         if periods is None:
             raise ValueError(
-                f"config_to_hf: layer_pattern {cfg.layer_pattern!r} is not periodic; transformers' JambaConfig "
+                f"config_to_hf: layer_pattern {cfg.pattern!r} is not periodic; transformers' JambaConfig "
                 "can only place attention at i % attn_layer_period == attn_layer_offset and experts at "
                 "i % expert_layer_period == expert_layer_offset, so this layout cannot be exported"
             )
-        periods.pop("has_moe")
-        d.update(periods)
+        d.update({k: periods[k] for k in _PERIODS})
     # Re-derive the layout exactly as transformers does and compare: export must never move a layer.
     n = cfg.num_hidden_layers
     hf_attn = [i % d["attn_layer_period"] == d["attn_layer_offset"] for i in range(n)]

@@ -12,12 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention
 from .config import JambaConfig
 from .init import init_weights
-from .mamba import MambaMixer
-from .mlp import SwiGLU
-from .moe import SparseMoE
+from .layers import FEED_FORWARDS, MIXERS, checkpointed
 from .norm import RMSNorm
 
 
@@ -35,19 +32,17 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: JambaConfig, idx: int) -> None:
         super().__init__()
         self.idx = idx
-        self.kind = cfg.layers_block_type[idx]
-        self.is_moe = cfg.layers_is_moe[idx]
-        if self.kind == "attention":
-            self.self_attn = Attention(cfg)
-        else:
-            self.mamba = MambaMixer(cfg)
-        self.feed_forward = SparseMoE(cfg) if self.is_moe else SwiGLU(cfg)
+        symbol, self.is_moe = cfg.layers[idx]
+        spec = MIXERS[symbol]  # jamba/layers.py: the mixer's module and the attribute it lives under
+        self.kind, self.mixer_attr = spec.name, spec.attr
+        setattr(self, spec.attr, spec.cls(cfg))
+        self.feed_forward = FEED_FORWARDS["E" if self.is_moe else ""].cls(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     @property
     def mixer(self) -> nn.Module:
-        return self.self_attn if self.kind == "attention" else self.mamba
+        return getattr(self, self.mixer_attr)
 
     def forward(self, x: torch.Tensor, cache=None) -> tuple[torch.Tensor, dict | None]:
         """cache: this layer's mixer cache (generation), or None."""
@@ -71,13 +66,7 @@ class JambaModel(nn.Module):
         self.residual_in_fp32 = cfg.residual_in_fp32
 
     def _checkpointed(self, layer: DecoderLayer) -> bool:
-        c = self.checkpointing
-        return (
-            c == "full"
-            or (c == "mamba" and layer.kind == "mamba")
-            or (c == "attention" and layer.kind == "attention")
-            or (c == "moe" and layer.is_moe)
-        )
+        return checkpointed(self.checkpointing, layer.kind, layer.is_moe)
 
     def forward(self, input_ids: torch.Tensor, cache: list | None = None) -> tuple[torch.Tensor, list[dict]]:
         """cache: one mixer cache per layer (JambaForCausalLM.new_cache); input_ids then are the tokens that

@@ -21,6 +21,7 @@ causal-conv1d, grouped GEMM); d = mamba_expand * h, F = intermediate size, k = t
     RMSNorm (fp32 inside)         3h each, two per layer
     attention                    6h   (q/k/v input, q, repeated k and v, output, o_proj input)
     Mamba                        h + 2d + d + d + d + d   (in_proj input, xz, conv out, delta, scan out, gated y)
+    Mamba-2 (g groups, state n)  h + 6d + 4gn   (in_proj input, zxBCdt, conv out, scan out, gated norm, out_proj in)
     dense SwiGLU                 h + 4F
     MoE (balanced routing)       h + k * (2h + 4F)   (router input; per routed row: input, gate_up out, silu,
                                  product, output); a rank receiving more than its share needs more (dropless)
@@ -37,6 +38,7 @@ import torch
 
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.experts import Experts
+from jamba.layers import FEED_FORWARDS, MIXERS, checkpointed
 
 GiB = 1024**3
 PRECISIONS = ("autocast", "bf16", "fp32")
@@ -78,24 +80,13 @@ def count_params(cfg: JambaConfig) -> ParamCounts:
 
 
 def layer_activation_units(cfg: JambaConfig) -> list[float]:
-    """Saved activation elements per token for each layer, in units of h (see the module docstring)."""
-    h, F, k, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok, cfg.mamba_d_inner
-    out = []
-    for kind, moe in zip(cfg.layers_block_type, cfg.layers_is_moe, strict=True):
-        e = 2 * 3 * h
-        e += 6 * h if kind == "attention" else h + 6 * d
-        e += h + k * (2 * h + 4 * F) if moe else h + 4 * F
-        out.append(e / h)
-    return out
-
-
-def _checkpointed(mode: str, kind: str, moe: bool) -> bool:
-    return (
-        mode == "full"
-        or (mode == "mamba" and kind == "mamba")
-        or (mode == "attention" and kind == "attention")
-        or (mode == "moe" and moe)
-    )
+    """Saved activation elements per token for each layer, in units of h (see the module docstring; each
+    mixer's and feed-forward's figure is its entry in jamba/layers.py)."""
+    h = cfg.hidden_size
+    return [
+        (2 * 3 * h + MIXERS[m].act_units(cfg) + FEED_FORWARDS["E" if moe else ""].act_units(cfg)) / h
+        for m, moe in cfg.layers
+    ]
 
 
 def activation_bytes(cfg: JambaConfig, micro_batch: int, seq_len: int, mode: str, act_bytes: int) -> float:
@@ -103,7 +94,7 @@ def activation_bytes(cfg: JambaConfig, micro_batch: int, seq_len: int, mode: str
     units = layer_activation_units(cfg)
     kept, peak = 0.0, 0.0
     for u, kind, moe in zip(units, cfg.layers_block_type, cfg.layers_is_moe, strict=True):
-        if _checkpointed(mode, kind, moe):
+        if checkpointed(mode, kind, moe):
             kept += 1.0
             peak = max(peak, u)
         else:

@@ -95,12 +95,16 @@ def set_deterministic(on: bool) -> bool:
 
 
 def log_kernels(model: JambaForCausalLM) -> None:
-    """The kernels this run takes, chosen once when the model was built (jamba/scan.py)."""
-    mixers = [m for m in model.modules() if hasattr(m, "scan_backend")]
+    """The kernels this run takes, per mixer kind (jamba/layers.py), chosen once when the model was built."""
+    chosen: dict[str, set] = {}
+    for layer in model.model.layers:
+        mixer = getattr(layer, layer.mixer_attr)
+        for what in ("scan_backend", "conv_backend"):
+            if hasattr(mixer, what):
+                chosen.setdefault(f"{layer.kind} {what.split('_')[0]}", set()).add(getattr(mixer, what))
     log.info(
-        "kernels: selective scan %s, causal conv %s, deterministic algorithms %s",
-        "/".join(sorted({m.scan_backend for m in mixers})) or "none (no Mamba layers)",
-        "/".join(sorted({m.conv_backend for m in mixers})) or "none",
+        "kernels: %s, deterministic algorithms %s",
+        ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in chosen.items()) or "none (attention only)",
         "on" if torch.are_deterministic_algorithms_enabled() else "off",
     )
 
