@@ -96,7 +96,10 @@ def _scan_bwd2_kernel(
             nch = tl.cdiv(tl.minimum(K, L - s0), T)
             tl.debug_barrier()  # the scratch is rewritten: the previous segment's readers are done
             # 1) the segment's chunk-start states, recomputed from the saved segment state
-            h = tl.load(hs_p + seg * N * DM, mask=dm, other=0.0)
+            # (through the scratch: h then has the scratch's layout, 4 states a thread, not the saved states')
+            tl.store(sc_p, tl.load(hs_p + seg * N * DM, mask=dm, other=0.0))
+            tl.debug_barrier()
+            h = tl.load(sc_p)
             for c in tl.range(0, nch, num_stages=STAGES):
                 tl.store(sc_p + c * N * BD, h)
                 t0 = s0 + c * T
