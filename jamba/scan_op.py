@@ -177,7 +177,8 @@ def _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, yp, delta_softplus: bool):
             num_warps=tg.num_warps,
         )  # fmt: skip
         programs = min(items, _resident_programs(u.device))
-    scratch = torch.empty(programs, tg.K // tg.T, n, tg.BD, **f32)
+    # per program: the chunk-start states, and (layout 2) the segment's delta after the softplus
+    scratch = torch.empty(programs, tg.K // tg.T, n + (tg.T if tg.bwd == 2 else 0), tg.BD, **f32)
     kernel = kern_bwd2._scan_bwd2_kernel if tg.bwd == 2 else kern_bwd._scan_bwd_kernel
     kernel[(programs,)](
         u, delta, An, B, C, Dv, zz, bias, g, yp, hs, scratch, ce, du, ddelta, dz, dAp, dDp, dbp, dBp, dCp,

@@ -60,7 +60,9 @@ def _scan_bwd2_kernel(
     t2 = tl.arange(0, T)[None, :]  # [1, T]
     w0 = dd == 0  # the channel that writes dB, dC
     NS = NSEG if SPLIT else 1
-    sc_p = sc_ptr + tl.program_id(0).to(tl.int64) * (K // T) * N * BD + dd * N + nn
+    sc0 = sc_ptr + tl.program_id(0).to(tl.int64) * (K // T) * (N + T) * BD
+    sc_p = sc0 + dd * N + nn  # + c * N * BD: chunk c's start state
+    dts_p = sc0 + (K // T) * N * BD + tl.arange(0, BD)[:, None] * T + t2  # + c * BD * T: chunk c's delta
     for item in range(tl.program_id(0), NB * NP * NS, tl.num_programs(0)):
         seg_p = item % NS
         pid_d = (item // NS) % NP
@@ -104,6 +106,7 @@ def _scan_bwd2_kernel(
                 tl.store(sc_p + c * N * BD, h)
                 t0 = s0 + c * T
                 dt2, _, m = _delta_tile(dl_p, t2, t0, L, dmc, bias, HAS_BIAS, SOFTPLUS)
+                tl.store(dts_p + c * BD * T, dt2)  # pass 2 reads it back: one softplus an element
                 dtu3 = (dt2 * tl.load(u_p + t0 + t2, mask=m, other=0.0).to(tl.float32))[None, :, :]
                 dt3 = dt2[None, :, :]
                 for i in tl.static_range(T):
@@ -115,7 +118,8 @@ def _scan_bwd2_kernel(
             for c_i in tl.range(0, nch, num_stages=STAGES):
                 t0 = s0 + (nch - 1 - c_i) * T
                 h = tl.load(sc_p + (nch - 1 - c_i) * N * BD)
-                dt2, x2, m = _delta_tile(dl_p, t2, t0, L, dmc, bias, HAS_BIAS, SOFTPLUS)
+                m = dmc & (t0 + t2 < L)
+                dt2 = tl.load(dts_p + (nch - 1 - c_i) * BD * T)
                 u2 = tl.load(u_p + t0 + t2, mask=m, other=0.0).to(tl.float32)
                 g2 = tl.load(g_p + t0 + t2, mask=m, other=0.0).to(tl.float32)
                 dt3 = dt2[None, :, :]
@@ -173,8 +177,8 @@ def _scan_bwd2_kernel(
                     du2 += dy2 * Dv
                     dD_acc += dy2 * u2
                 ddt = u2 * s1 + tl.reshape(s2_3, (BD, T)) * 0.6931471805599453
-                if SOFTPLUS:
-                    ddt = tl.where(x2 > 20.0, ddt, ddt * tl.sigmoid(x2))
+                if SOFTPLUS:  # softplus' = sigmoid(x) = 1 - exp(-softplus(x)); the identity above 20
+                    ddt = tl.where(dt2 > 20.0, ddt, ddt * (1.0 - tl.exp2(dt2 * -1.4426950408889634)))
                 ddt = tl.where(m, ddt, 0.0)
                 db_acc += ddt
                 tl.store(du_ptr + o_p + t0 + t2, du2.to(du_ptr.dtype.element_ty), mask=m)
