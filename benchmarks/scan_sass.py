@@ -32,6 +32,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from jamba import scan_op  # noqa: E402
 from jamba import scan_triton as kern  # noqa: E402
 from jamba import scan_triton_bwd as kern_bwd  # noqa: E402
+from jamba import scan_triton_bwd2 as kern_bwd2  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--tiling", default="", help="ScanTiling fields, e.g. BD=16,T=4,split_bwd=1")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--dump", default="", help="a folder: write each kernel's TTGIR and SASS there")
     a = ap.parse_args()
     b, d, L, n = map(int, a.shape.split(","))
     fields = dict(kv.split("=") for kv in a.tiling.split(",") if kv)
@@ -107,7 +109,7 @@ def main() -> None:
     scan_op.TILING["cpu"] = tg  # meta tensors take the "cpu" entry
     log: list = []
     for mod, name in [(kern, "_scan_fwd_kernel"), (kern, "_combine_kernel"), (kern_bwd, "_scan_bwd_kernel"),
-                      (kern_bwd, "_bwd_carry_kernel")]:  # fmt: skip
+                      (kern_bwd, "_bwd_carry_kernel"), (kern_bwd2, "_scan_bwd2_kernel")]:  # fmt: skip
         setattr(mod, name, Capture(getattr(mod, name), log))
     m = dict(device="meta")
     u, delta, z = (torch.empty(b, d, L, dtype=torch.bfloat16, **m) for _ in range(3))
@@ -125,6 +127,11 @@ def main() -> None:
         k = compile_launch(fn, args, meta, a.arch)
         usage, total, ops = sass_report(k.asm["cubin"], a.top)
         mode = f" MODE={meta['MODE']}" if "MODE" in meta else ""
+        if a.dump:
+            out = Path(a.dump) / f"{fn.__name__}{mode.replace(' MODE=', '_')}"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.with_suffix(".ttgir").write_text(k.asm["ttgir"])
+            out.with_suffix(".cubin").write_bytes(k.asm["cubin"])
         print(f"\n{fn.__name__}{mode} grid {grid}: {usage}, {total} SASS instructions")
         print("  " + ", ".join(f"{op} {c}" for op, c in ops.most_common(a.top)))
 

@@ -11,6 +11,7 @@ import torch
 
 from . import scan_triton as kern
 from . import scan_triton_bwd as kern_bwd
+from . import scan_triton_bwd2 as kern_bwd2
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,17 @@ class ScanTiling:
     # 1: with z, the forward also writes y before the gate (in u's dtype, as mamba-ssm keeps its `out`) and the
     # backward reads it instead of summing h * C over the states again for dz
     save_y: int = 0
+    # the backward kernel: 2 jamba/scan_triton_bwd2.py (states the fast axis, time-first tiles), 1 the first
+    # layout (jamba/scan_triton_bwd.py)
+    bwd: int = 2
 
     def __post_init__(self) -> None:
         for f in ("BD", "BD_fwd", "T_fwd", "T", "K"):
             v = getattr(self, f)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"ScanTiling.{f} must be a power of two, got {v}")
+        if self.bwd not in (1, 2):
+            raise ValueError(f"ScanTiling.bwd must be 1 or 2, got {self.bwd}")
         if self.K % self.T or self.K % self.T_fwd:
             raise ValueError(f"ScanTiling.K={self.K} must be a multiple of T={self.T} and T_fwd={self.T_fwd}")
 
@@ -133,7 +139,8 @@ def _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, yp, delta_softplus: bool):
     tg = tiling_for(u.device)
     g, u, delta = _rows(g), _rows(u), _rows(delta)
     z = _rows(z) if z is not None else None
-    Af = A.float().t().contiguous().t()
+    Af = A.float().t().contiguous().t()  # the carry kernel's layout: d the unit stride
+    An = A.float().contiguous() if tg.bwd == 2 else Af  # layout 2 reads A with n the unit stride
     Dv, bias = _vec(D, u), _vec(delta_bias, u)
     zz = z if z is not None else u
     nseg, npd = hs.shape[1], triton_cdiv(d, tg.BD)
@@ -145,7 +152,7 @@ def _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, yp, delta_softplus: bool):
         tg.split_bwd == 1 or (tg.split_bwd < 0 and 2 * b * npd <= _resident_programs(u.device))
     )
     ns = nseg if split else 1
-    dAp = torch.empty(b, ns, n, d, **f32)
+    dAp = torch.empty(b, ns, *((d, n) if tg.bwd == 2 else (n, d)), **f32)
     dDp = torch.empty(b, ns, d, **f32)
     dbp = torch.empty(b, ns, d, **f32)
     dBp = torch.empty(b, npd, L, n, **f32)
@@ -170,11 +177,13 @@ def _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, yp, delta_softplus: bool):
             num_warps=tg.num_warps,
         )  # fmt: skip
         programs = min(items, _resident_programs(u.device))
-    scratch = torch.empty(programs, tg.K // tg.T, n, tg.BD, **f32)
-    kern_bwd._scan_bwd_kernel[(programs,)](
-        u, delta, Af, B, C, Dv, zz, bias, g, yp, hs, scratch, ce, du, ddelta, dz, dAp, dDp, dbp, dBp, dCp,
+    # per program: the chunk-start states, and (layout 2) the segment's delta after the softplus
+    scratch = torch.empty(programs, tg.K // tg.T, n + (tg.T if tg.bwd == 2 else 0), tg.BD, **f32)
+    kernel = kern_bwd2._scan_bwd2_kernel if tg.bwd == 2 else kern_bwd._scan_bwd_kernel
+    kernel[(programs,)](
+        u, delta, An, B, C, Dv, zz, bias, g, yp, hs, scratch, ce, du, ddelta, dz, dAp, dDp, dbp, dBp, dCp,
         L, d, nseg, npd, b,
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Af.stride(0), Af.stride(1),
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), An.stride(0), An.stride(1),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), zz.stride(0), zz.stride(1),
         g.stride(0), g.stride(1),
         N=n, BD=tg.BD, T=tg.T, K=tg.K, STAGES=tg.stages, HAS_D=D is not None, HAS_Z=z is not None,
@@ -182,7 +191,8 @@ def _bwd(g, u, delta, A, B, C, D, z, delta_bias, hs, yp, delta_softplus: bool):
         num_warps=tg.num_warps,
     )  # fmt: skip
     # the partial sums, reduced in a fixed order (deterministic)
-    dA = dAp.sum((0, 1)).t().contiguous().to(A.dtype)  # the fake kernel (and Inductor) expect contiguous
+    dA = dAp.sum((0, 1)) if tg.bwd == 2 else dAp.sum((0, 1)).t()
+    dA = dA.contiguous().to(A.dtype)  # the fake kernel (and Inductor) expect contiguous
     dB = dBp.sum(1).to(B.dtype)  # [b, L, n]
     dC = dCp.sum(1).to(C.dtype)
     dD = dDp.sum((0, 1)) if D is not None else dDp.new_empty(0)

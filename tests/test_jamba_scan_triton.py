@@ -69,6 +69,8 @@ def tiling(monkeypatch):
         ),  # y saved by the forward
         (16, True, False, True, True, dict(BD=8, BD_fwd=4, T_fwd=8, T=4, K=16, save_y=1)),
         (4, True, True, True, True, dict(BD=4, BD_fwd=4, T_fwd=2, T=2, K=4, split=1)),
+        (16, True, True, True, True, dict(BD=4, T_fwd=4, T=2, K=8, bwd=1)),  # the first backward layout
+        (16, True, True, True, True, dict(BD=4, T_fwd=4, T=2, K=8, bwd=1, split_bwd=1, save_y=1)),
         (4, True, True, True, True, dict(BD=4, T_fwd=4, T=2, K=8, split=1, split_bwd=1)),
         (16, False, True, False, True, dict(BD=8, T_fwd=2, T=2, K=4, split=0, split_bwd=1)),
         (
@@ -198,5 +200,7 @@ def test_deterministic_algorithms_avoid_the_kernels_that_sum_with_atomics(monkey
 def test_scan_tiling_is_checked():
     with pytest.raises(ValueError, match="power of two"):
         scan_op.ScanTiling(BD=24)
+    with pytest.raises(ValueError, match="ScanTiling.bwd must be 1 or 2"):
+        scan_op.ScanTiling(bwd=3)
     with pytest.raises(ValueError, match="multiple"):
         scan_op.ScanTiling(T=8, K=4)
