@@ -33,7 +33,7 @@ from .build import (
     set_deterministic,
 )
 from .checkpoint import Checkpointer
-from .checkpoint_layout import read_state, tag_for
+from .checkpoint_layout import CheckpointError, read_state, tag_for
 from .config import Config, ConfigError, SpikePolicy, to_container
 from .optim import clip_grad_norm_, lr_multiplier, set_lr
 from .profiling import profile_step
@@ -204,13 +204,15 @@ class Trainer:
         """Start a checkpoint of this step: training goes on while it is written (Checkpointer.start)."""
         weights = consolidated_state_dict(self.engine.module, self.cfg)
         mine = weights if self.dist.is_main else None  # None on every rank: experts saved per EP position
-        self.checkpointer.start(self.engine, self.step, self._state(), mine, consolidated=weights is not None)
-        self.last_saved = self.step
+        state = self._state()
+        if self.checkpointer.start(self.engine, self.step, state, mine, consolidated=weights is not None):
+            self.last_saved = self.step  # else no room: said, and the next interval tries again
 
     def prepare_saves(self) -> None:
-        """Collective, after this job's first step (the optimizer's states exist then): on a GPU, pin the
-        host buffers of the checkpoints in the background, so the first save does not wait for that."""
-        if not self.checkpointer.pins or not (self.cfg.checkpoint.interval or self.cfg.checkpoint.save_final):
+        """Collective, after this job's first step (the optimizer's states exist then): warn if keep_last
+        checkpoints will not fit on the disk; on a GPU, pin the host buffers of the checkpoints in the
+        background, so the first save does not wait for that."""
+        if not (self.cfg.checkpoint.interval or self.cfg.checkpoint.save_final):
             return
         weights = consolidated_state_dict(self.engine.module, self.cfg)
         mine = weights if self.dist.is_main else None
@@ -464,8 +466,9 @@ class Trainer:
                 self._log_eval()
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 self.save()
-        if self.stop.stopping and self.dist.is_main:
-            log.warning("stop requested (a signal on some rank): saving step %d and exiting", self.step)
+        if self.stop.stopping:
+            if self.dist.is_main:
+                log.warning("stop requested (a signal on some rank): saving step %d and exiting", self.step)
         elif not evaluated:
             self._log_eval()
         if cfg.checkpoint.save_final or self.stop.stopping:
@@ -473,6 +476,8 @@ class Trainer:
         self.finish_save()
         if self.dist.is_main:
             end_summary(self, time.perf_counter() - started, first - 1)
+        if cfg.checkpoint.save_final and self.last_saved != self.step and not self.stop.stopping:
+            raise CheckpointError(f"the final checkpoint was not saved: {self.checkpointer.no_room}")
 
     def stop_summary(self) -> str | None:
         """Where a stop signal left the run (None: no stop); after `fit`."""
