@@ -113,9 +113,6 @@ class JambaConfig:
             "mamba_d_state",
             "mamba_d_conv",
             "mamba_expand",
-            "mamba2_d_state",
-            "mamba2_head_dim",
-            "mamba2_n_groups",
             "scan_chunk_size",
             "scan_block_size",
             "loss_chunk_size",
@@ -202,13 +199,9 @@ class JambaConfig:
             )
             if any(moe for _, moe in layers):
                 need(self.num_experts > 1, "layer_pattern", "has MoE layers ('E') but num_experts=1")
-        if "mamba2" in self.layers_block_type:
-            need(
-                self.mamba_d_inner % (self.mamba2_head_dim * self.mamba2_n_groups) == 0,
-                "mamba2_head_dim",
-                f"mamba2_head_dim={self.mamba2_head_dim} x mamba2_n_groups={self.mamba2_n_groups} must divide "
-                f"the Mamba inner width mamba_expand * hidden_size = {self.mamba_d_inner}",
-            )
+        for symbol in sorted({m for m, _ in self.layers}):  # each mixer in use checks its own fields
+            for fld, problem in MIXERS[symbol].check(self) if MIXERS[symbol].check else ():
+                need(False, fld, problem)
 
     # ---- layout -----------------------------------------------------------------------------
     @property

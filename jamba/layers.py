@@ -39,6 +39,9 @@ class Mixer:
     flops_kind: str  # the key of flops_per_token its mixing FLOPs are reported under
     act_units: Callable
     init: Callable | None = None  # (module, cfg, normal_, rand) -> modules it initialised itself
+    check: Callable | None = (
+        None  # (cfg) -> [(field, problem)]: JambaConfig's validation, when the pattern uses it
+    )
     hf_name: str | None = None  # transformers' layers_block_type; None: not exportable
     not_exportable: str = ""  # why, when hf_name is None ("not exportable, because ...")
     description: str = ""
@@ -133,6 +136,23 @@ def _mamba2_init(mod, cfg, normal_, rand) -> list:
     return []
 
 
+def _mamba2_check(cfg) -> list[tuple[str, str]]:
+    bad = [
+        (f, f"must be a positive int, got {getattr(cfg, f)!r}")
+        for f in ("mamba2_d_state", "mamba2_head_dim", "mamba2_n_groups")
+        if not (isinstance(getattr(cfg, f), int) and getattr(cfg, f) > 0)
+    ]
+    if not bad and cfg.mamba_d_inner % (cfg.mamba2_head_dim * cfg.mamba2_n_groups):
+        bad.append(
+            (
+                "mamba2_head_dim",
+                f"mamba2_head_dim={cfg.mamba2_head_dim} x mamba2_n_groups={cfg.mamba2_n_groups} must divide the "
+                f"Mamba inner width mamba_expand * hidden_size = {cfg.mamba_d_inner}",
+            )
+        )
+    return bad
+
+
 # ---- shared init pieces -----------------------------------------------------------------------------
 def inverse_softplus_dt(u: torch.Tensor, cfg) -> torch.Tensor:
     """dt log-uniform in [dt_min, dt_max] from u ~ U[0, 1), floored, as the bias that softplus maps to it."""
@@ -197,6 +217,7 @@ MIXERS: dict[str, Mixer] = {
                 cfg.hidden_size + 6 * cfg.mamba_d_inner + 4 * cfg.mamba2_n_groups * cfg.mamba2_d_state
             ),
             init=_mamba2_init,
+            check=_mamba2_check,
             not_exportable="transformers' Jamba has no Mamba-2 layer",
             description="Mamba-2 (SSD: a scalar decay per head, gated RMSNorm)",
         ),

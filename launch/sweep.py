@@ -2,6 +2,7 @@
 
     python -m launch.sweep --name ratio --preset debug --steps 120 --nproc 2      # 8 runs, one after another
     python -m launch.sweep --name ratio --ratios 1:7,mamba --moe on --axis model.use_rope=false,true
+    python -m launch.sweep --sweep mqar --mixers mamba,mamba2   # Mamba-1 vs Mamba-2 hybrids, same width/depth
     python -m launch.sweep --name r13b --preset ablation-1.3b --steps 20000 --slurm --gpus-per-node 8 \\
         --partition gpu -- data.path=/data/pile-tok     # one Slurm job per run
     python -m launch.sweep --sweep mqar        # a named sweep (launch/sweep_presets.py): MQAR recall, one GPU
@@ -10,7 +11,8 @@
 Every variant is the preset with one layout written as a layer pattern over its num_hidden_layers
 ('*' attention, 'M' Mamba, 'E' a MoE feed-forward on every other layer, as the paper): attn = all
 attention, 1:k = one attention layer per k+1 (at offset (k+1)//2, the paper's 8/4 for 1:7), mamba = no
-attention. MoE off sets num_experts=1. Everything else (data, order, seeds, steps, batch) is the same.
+attention. --mixers picks the non-attention mixer ('M' Mamba-1, 'S' Mamba-2 of jamba/layers.py; the
+variant name gains -mamba2). MoE off sets num_experts=1. Everything else (data, order, seeds, steps, batch) is the same.
 Runs go to runs/sweep-NAME/VARIANT with their own checkpoints, named NAME-VARIANT in W&B group NAME.
 
 Rerunning the same command skips runs whose newest checkpoint is at --steps, resumes interrupted ones
@@ -37,10 +39,9 @@ from pathlib import Path
 
 from .commands import LaunchError, LaunchSpec, check_name
 from .hostfile import Host
-from .sweep_presets import SWEEPS
+from .sweep_presets import RATIOS, SWEEPS
 from .sweep_run import TIMED_OUT, Variant, run_local  # noqa: F401 - TIMED_OUT: part of this module's interface
 
-RATIOS = ("attn", "1:3", "1:7", "mamba")
 # Keys the sweep sets for each run; an extra override of one of them would silently break the comparison.
 OWNED = (
     "model",
@@ -62,10 +63,25 @@ def ratio_label(ratio: str) -> str:
     return ratio.replace(":", "to")
 
 
-def layer_pattern(num_layers: int, ratio: str, moe: bool) -> str:
-    """'attn', 'mamba' or '1:k' over num_layers; 'E' on odd layers when moe (period 2, offset 1)."""
-    if ratio in ("attn", "mamba"):
-        attn = [ratio == "attn"] * num_layers
+def recurrent_mixers() -> dict[str, str]:
+    """Mixer name -> pattern symbol of the mixers a ratio can pair with attention (jamba/layers.py)."""
+    from jamba.layers import ATTENTION, MIXERS
+
+    return {m.name: s for s, m in MIXERS.items() if s != ATTENTION}
+
+
+def layer_pattern(num_layers: int, ratio: str, moe: bool, mixer: str = "mamba") -> str:
+    """'attn', 'mamba' (no attention) or '1:k' over num_layers, the non-attention layers `mixer`; 'E' on odd
+    layers when moe (period 2, offset 1). One generator: jamba's pattern_from_periods."""
+    from jamba import pattern_from_periods
+
+    symbols = recurrent_mixers()
+    if mixer not in symbols:
+        raise LaunchError(f"mixer {mixer!r}: choose from {', '.join(symbols)}")
+    if ratio == "attn":
+        period, offset = 1, 0
+    elif ratio == "mamba":
+        period, offset = num_layers + 1, num_layers  # attention never
     else:
         m = re.fullmatch(r"1:(\d+)", ratio)
         if m is None or int(m.group(1)) < 1:
@@ -75,8 +91,14 @@ def layer_pattern(num_layers: int, ratio: str, moe: bool) -> str:
         period = int(m.group(1)) + 1
         if period > num_layers:
             raise LaunchError(f"ratio {ratio} needs at least {period} layers, the model has {num_layers}")
-        attn = [i % period == period // 2 for i in range(num_layers)]
-    return "".join(("*" if a else "M") + ("E" if moe and i % 2 == 1 else "") for i, a in enumerate(attn))
+        offset = period // 2
+    return pattern_from_periods(num_layers, period, offset, 2, 1, moe=moe, mixer=symbols[mixer])
+
+
+def variant_name(ratio: str, moe: bool, mixer: str, axes: list[tuple[str, str]]) -> str:
+    """RATIO-MOE[-MIXER][-KEY-VALUE...]: the mixer only when not Mamba-1, so earlier sweeps keep their names."""
+    parts = [ratio_label(ratio), "moe" if moe else "dense", *([mixer] if mixer != "mamba" else [])]
+    return "-".join([*parts, *(f"{k.rsplit('.', 1)[-1]}-{v}" for k, v in axes)])
 
 
 def compose(*override_lists: list[str]) -> list:
@@ -120,7 +142,7 @@ def plan_variants(a: argparse.Namespace) -> list[Variant]:
         if _key(o) in OWNED:
             raise LaunchError(
                 f"{o!r}: the sweep sets {_key(o)} for every run (use --preset, --steps, --name, "
-                f"--ratios, --moe)"
+                f"--ratios, --mixers, --moe)"
             )
     base = [f"model={a.preset}", *([f"+experiment={a.experiment}"] if a.experiment else []), *a.overrides]
     model = compose(base)[0].model
@@ -135,21 +157,18 @@ def plan_variants(a: argparse.Namespace) -> list[Variant]:
                 f"--axis wants KEY=V1,V2 for a key the sweep does not set, got {k}={','.join(vs)}"
             )
     variants = []
-    for ratio, moe, *values in itertools.product(a.ratios, a.moe, *[vs for _, vs in axes]):
-        name = "-".join(
-            [
-                ratio_label(ratio),
-                "moe" if moe else "dense",
-                *(f"{k.rsplit('.', 1)[-1]}-{v}" for (k, _), v in zip(axes, values, strict=True)),
-            ]
-        )
+    for ratio, moe, mixer, *values in itertools.product(a.ratios, a.moe, a.mixers, *[vs for _, vs in axes]):
+        if ratio == "attn" and mixer != a.mixers[0]:
+            continue  # all attention: the same run whatever the recurrent mixer
+        named = [(k, v) for (k, _), v in zip(axes, values, strict=True)]
+        name = variant_name(ratio, moe, "mamba" if ratio == "attn" else mixer, named)
         check_name("variant name", name)  # one directory under the sweep (an --axis value is in it)
         run_dir = Path(a.root) / f"sweep-{a.name}" / name
-        pattern = layer_pattern(mcfg.num_hidden_layers, ratio, moe)
+        pattern = layer_pattern(mcfg.num_hidden_layers, ratio, moe, mixer)
         layout = [f"model.layer_pattern={pattern}", f"model.num_experts={experts if moe else 1}"]
         if moe and mcfg.num_experts_per_tok < 2 and "model.num_experts_per_tok" not in map(_key, a.overrides):
             layout.append("model.num_experts_per_tok=2")  # a dense preset turned MoE: the paper's top-2
-        tags = ",".join([f"sweep-{a.name}", f"ratio-{ratio_label(ratio)}", "moe" if moe else "dense"])
+        tags = ",".join([f"sweep-{a.name}", f"ratio-{ratio_label(ratio)}", "moe" if moe else "dense", mixer])
         overrides = [
             *base,
             *layout,
@@ -161,7 +180,7 @@ def plan_variants(a: argparse.Namespace) -> list[Variant]:
             f"logging.wandb.tags=[{tags}]",
             "resume=auto",
         ]
-        variants.append(Variant(name, ratio, moe, pattern, overrides, run_dir))
+        variants.append(Variant(name, ratio, moe, pattern, overrides, run_dir, mixer=mixer))
     for v, cfg in zip(variants, compose(*(v.overrides for v in variants)), strict=True):
         v.status, v.step = run_status(cfg.checkpoint.dir, a.steps)
     return variants
@@ -179,6 +198,7 @@ def write_manifest(a: argparse.Namespace, variants: list[Variant]) -> Path:
                 "name": v.name,
                 "ratio": v.ratio,
                 "moe": v.moe,
+                "mixer": v.mixer,
                 "layer_pattern": v.pattern,
                 "run_dir": str(v.run_dir),
                 "overrides": v.overrides,
@@ -251,6 +271,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="debug", help="model preset (conf/model/*.yaml)")
     p.add_argument("--steps", type=int, default=120, help="optimizer steps per run (the same for all)")
     p.add_argument("--ratios", type=lambda s: s.split(","), default=list(RATIOS), help="attn,1:3,1:7,mamba")
+    p.add_argument(
+        "--mixers",
+        type=lambda s: s.split(","),
+        default=["mamba"],
+        help="the recurrent mixer of the hybrids, an axis at equal width and depth: mamba,mamba2 "
+        "(jamba/layers.py; 'attn' runs once)",
+    )
     p.add_argument(
         "--moe",
         type=lambda s: [{"on": True, "off": False}[x] for x in s.split(",")],

@@ -25,6 +25,7 @@ class Variant:
     pattern: str
     overrides: list[str] = field(default_factory=list)  # the whole override list of the run
     run_dir: Path = Path()
+    mixer: str = "mamba"  # the non-attention mixer of the hybrid (its jamba/layers.py name)
     status: str = "new"  # new | partial | done
     step: int = 0
 

@@ -64,3 +64,39 @@ def test_from_dict_rejects_unknown_keys():
     d["hiden_size"] = 3
     with pytest.raises(ValueError, match="hiden_size"):
         JambaConfig.from_dict(d)
+
+
+def test_saved_config_holds_one_layout():
+    """model_config.json (to_dict) holds the pattern alone, whichever form the config was written in."""
+    cfg = JambaConfig(num_hidden_layers=8, attn_layer_period=8, attn_layer_offset=4)
+    d = cfg.to_dict()
+    assert d["layer_pattern"] == "MMEMME*MEMME"
+    assert [
+        d[k] for k in ("attn_layer_period", "attn_layer_offset", "expert_layer_period", "expert_layer_offset")
+    ] == [None] * 4
+    back = JambaConfig.from_dict(d)
+    assert back == cfg and back.layers_block_type == cfg.layers_block_type and back.pattern == cfg.pattern
+    other = JambaConfig(num_hidden_layers=8, layer_pattern="MME*MEMMEMME")
+    assert other != cfg  # equality is the model, not the form
+    assert (
+        other.to_dict()["attn_layer_period"] is None
+    )  # not the stale 8 / 4 beside a pattern that moves attention
+    # a config saved before (periods beside a pattern): the pattern wins, as it always did
+    old = {
+        **other.to_dict(),
+        "attn_layer_period": 8,
+        "attn_layer_offset": 4,
+        "expert_layer_period": 2,
+        "expert_layer_offset": 1,
+    }
+    assert JambaConfig.from_dict(old) == other
+    with pytest.raises(ValueError, match="attn_layer_period: must be a positive int"):
+        JambaConfig(attn_layer_period=None)  # periods may be None only beside a pattern
+
+
+def test_pattern_alphabet_comes_from_the_registry():
+    with pytest.raises(ValueError, match=r"unexpected 'X' at position 1.*'S' \(mamba2\)"):
+        parse_pattern("MX")
+    assert parse_pattern("S*E") == [("S", False), ("*", True)]
+    assert pattern_from_periods(4, 4, 2, 2, 1, mixer="S") == "SSE*SE"
+    assert periods_from_pattern("SS*S") is None  # transformers' periods cannot place Mamba-2

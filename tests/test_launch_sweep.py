@@ -33,6 +33,15 @@ def test_layer_patterns_over_the_debug_depth():
         sweep.layer_pattern(8, "2:3", False)
 
 
+def test_mixer_axis_swaps_only_the_recurrent_symbol():
+    m1, m2 = sweep.layer_pattern(8, "1:7", True), sweep.layer_pattern(8, "1:7", True, "mamba2")
+    assert m2 == "SSESSE*SESSE" and m2.replace("S", "M") == m1  # same depth, attention and MoE positions
+    assert sweep.layer_pattern(4, "mamba", False, "mamba2") == "SSSS"
+    assert sweep.layer_pattern(4, "attn", False, "mamba2") == "****"
+    with pytest.raises(LaunchError, match="mixer 'attention': choose from mamba, mamba2"):
+        sweep.layer_pattern(8, "1:7", False, "attention")
+
+
 def test_plan_is_the_same_run_but_for_the_layout(tmp_path, capsys):
     assert (
         sweep.main(

@@ -66,6 +66,30 @@ def test_lm_gpu_layouts_are_about_100m_parameters(tmp_path):
         assert cfg.data.seq_len == 1024 and cfg.parallel.compile == "none"
 
 
+@pytest.mark.parametrize("name", ["mqar", "lm-gpu"])
+def test_mixer_axis_compares_mamba1_and_mamba2_hybrids_at_equal_width_and_depth(tmp_path, name):
+    plan = _plan(tmp_path, "--sweep", name, "--ratios", "attn,1:7", "--mixers", "mamba,mamba2")
+    variants = {v["name"].split("-lr-")[0]: v for v in plan["variants"] if _key_lr(v) in (None, "1e-3")}
+    assert sorted(variants) == ["1to7-dense", "1to7-dense-mamba2", "attn-dense"]  # attention-only runs once
+    m1, m2 = variants["1to7-dense"], variants["1to7-dense-mamba2"]
+    assert (m1["mixer"], m2["mixer"]) == ("mamba", "mamba2")
+    assert m2["layer_pattern"] == m1["layer_pattern"].replace("M", "S") != m1["layer_pattern"]
+    differ = ("model.layer_pattern", "run_name", "run_dir", "logging.wandb.tags")
+    assert [o for o in m1["overrides"] if not o.startswith(differ)] == [
+        o for o in m2["overrides"] if not o.startswith(differ)
+    ]
+    c1, c2 = (build_model_config(c.model) for c in sweep.compose(m1["overrides"], m2["overrides"]))
+    assert (c1.hidden_size, c1.num_hidden_layers) == (c2.hidden_size, c2.num_hidden_layers)
+    assert c2.layers_block_type.count("mamba2") == c1.layers_block_type.count("mamba") > 0
+    n1, n2 = count_params(c1)["total"], count_params(c2)["total"]
+    assert 0.8 < n2 / n1 < 1.2, (n1, n2)  # comparable sizes
+
+
+def _key_lr(v):
+    lrs = [o.split("=", 1)[1] for o in v["overrides"] if o.startswith("optim.lr=")]
+    return lrs[-1] if lrs else None
+
+
 def test_gpu_sweeps_fit_one_10_minute_command():
     """Each run is stopped at the preset's timeout (start-up included): an lm-gpu sweep ends inside 10 minutes,
     an MQAR sweep in one (its runs in waves of --jobs at a time; the same command skips finished runs)."""
