@@ -74,7 +74,8 @@ class Check:
             "parallel=zero2",
         ]
         if self.cpu:
-            from train.testing import TINY
+            sys.path.insert(0, str(ROOT / "tests"))
+            from tiny import TINY  # the tests' tiny model (tests/tiny.py)
 
             return [*TINY, *common, "parallel.device=cpu", "parallel.backend=gloo"]
         return [f"model={model}", *common, f"data.seq_len={seq_len}", "parallel.device=cuda"]

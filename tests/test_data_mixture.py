@@ -9,12 +9,13 @@ from collections import Counter
 
 import pytest
 from test_data_common import take
+from tiny import TINY
+from train_runs import run_train
 
 from data import DataConfig, DataError, TokenLoader
 from data.mixture import BLOCK, MixtureEntry, RowSchedule
 from data.prepare import prepare
 from data.tokenizer import train_bpe
-from train.testing import TINY, run_train
 
 pytestmark = pytest.mark.timeout(60)
 LETTERS = "abc"  # corpus k's documents are made of LETTERS[k] only, so a row names its corpus

@@ -8,13 +8,15 @@ import torch
 import transformers  # a test extra: imported, not skipped (a broken install fails)
 from safetensors.torch import save_file
 from test_data_common import cfg, make_prepared, write_corpus
+from tiny import tiny_config
 
 from data import TokenLoader
 from data.prepare import prepare
 from data.tokenizer import tokenizer_for_corpus, train_bpe
 from data.tokenizer_export import write_tokenizer
-from jamba import JambaConfig, JambaForCausalLM
+from jamba import JambaForCausalLM
 from jamba.hf_compat import to_hf_state_dict
+from train.checkpoint_layout import LATEST, MODEL_CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, tag_for
 from train.eval import evaluate
 from train.export import export
 
@@ -23,32 +25,19 @@ pytestmark = pytest.mark.timeout(120)
 
 def trainer_checkpoint(root, corpus: str) -> JambaForCausalLM:
     """A checkpoint folder as the trainer writes it (latest, <tag>/model_state + model_config + trainer_state)."""
-    config = JambaConfig(
+    config = tiny_config(
         vocab_size=320,  # the byte corpus's 259 ids, padded to a multiple of 64
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=1,
-        attn_layer_period=2,
-        attn_layer_offset=1,
-        mamba_d_state=8,
         bos_token_id=256,
         eos_token_id=257,
         pad_token_id=258,
     )
     model = JambaForCausalLM(config, seed=0).eval()
-    tag = root / "step_00000001"
+    tag = root / tag_for(1)
     tag.mkdir(parents=True)
-    (root / "latest").write_text(tag.name)
-    save_file(
-        {k: v.contiguous() for k, v in to_hf_state_dict(model).items()}, str(tag / "model_state.safetensors")
-    )
-    (tag / "model_config.json").write_text(json.dumps(config.to_dict()))
-    (tag / "trainer_state.json").write_text(
-        json.dumps({"version": 1, "step": 1, "config": {"data": {"path": corpus, "mixture": []}}})
-    )
+    (root / LATEST).write_text(tag.name)
+    save_file({k: v.contiguous() for k, v in to_hf_state_dict(model).items()}, str(tag / WEIGHTS_FILE))
+    (tag / MODEL_CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    (tag / STATE_FILE).write_text(json.dumps({"version": 1, "step": 1, "config": {"data": {"path": corpus, "mixture": []}}}))
     return model
 
 

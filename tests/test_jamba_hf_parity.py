@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import transformers  # pinned in the test extra: a broken install fails here
+from tiny import tiny_config
 from transformers.models.jamba.modeling_jamba import load_balancing_loss_func
 
 from jamba import JambaConfig, JambaForCausalLM
@@ -31,18 +32,11 @@ VOCAB = 101
 
 
 def tiny(**kw) -> JambaConfig:
+    """The tiny model, wider, with transformers' default layout (attention period 8, offset 4)."""
     base = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-        mamba_d_state=8,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, attn_layer_period=8, attn_layer_offset=4
     )
-    return JambaConfig(**{**base, **kw})
+    return tiny_config(**{**base, **kw})
 
 
 CONFIGS = {

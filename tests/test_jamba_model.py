@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tiny import tiny_config
 
 from jamba import JambaConfig, JambaForCausalLM, get_preset
 from jamba.experts import experts_ref
@@ -7,20 +8,7 @@ from jamba.moe import SparseMoE
 
 
 def tiny(**kw) -> JambaConfig:
-    base = dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-        attn_layer_period=4,
-        attn_layer_offset=2,
-        mamba_d_state=8,
-    )
-    return JambaConfig(**{**base, **kw})
+    return tiny_config(**{"vocab_size": 97, **kw})
 
 
 def test_forward_backward_shapes_and_stats(seed):

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import TINY
 
-from train.testing import TINY, read_jsonl
+from train.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,9 +2,10 @@
 looks values up from one that cannot."""
 
 import torch
+from tiny import tiny_config
 
 from data.tokenizer import ByteTokenizer
-from jamba import JambaConfig, JambaForCausalLM
+from jamba import JambaForCausalLM
 from launch.probe import KEYS, VALUES, ProbeConfig, chance, make_prompts, score
 
 
@@ -56,16 +57,9 @@ def test_score_separates_lookup_from_guessing():
 
 
 def test_score_runs_on_a_real_model():
-    cfg = JambaConfig(
-        vocab_size=259,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        layer_pattern="M*E",
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        mamba_d_state=8,
+    out = score(
+        JambaForCausalLM(tiny_config(vocab_size=259), seed=0),
+        ByteTokenizer(),
+        ProbeConfig(num_pairs=(4,), num_prompts=20),
     )
-    out = score(JambaForCausalLM(cfg, seed=0), ByteTokenizer(), ProbeConfig(num_pairs=(4,), num_prompts=20))
     assert 0.0 <= out["K=4"]["acc"] <= 1.0 and out["K=4"]["n"] == 20 and out["K=4"]["logp"] < 0

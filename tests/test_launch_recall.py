@@ -4,9 +4,10 @@
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_config
 
 from data.synthetic import MQARSpec, prepare_mqar
-from jamba import JambaConfig, JambaForCausalLM
+from jamba import JambaForCausalLM
 from launch.recall import score, val_examples
 
 SPEC = MQARSpec(
@@ -72,18 +73,6 @@ def test_a_blind_guess_scores_chance(corpus):
 def test_a_real_model_is_scored_on_answers_only(corpus):
     examples, tok = corpus
     torch.manual_seed(0)
-    cfg = JambaConfig(
-        vocab_size=SPEC.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_experts=1,
-        num_experts_per_tok=1,
-        layer_pattern="M*",
-        mamba_d_state=4,
-    )
-    out = score(JambaForCausalLM(cfg), examples[:20], tok)
+    out = score(JambaForCausalLM(tiny_config(vocab_size=SPEC.vocab_size)), examples[:20], tok)
     assert all(0 <= out[k]["acc"] <= 1 for k in ("K=2", "K=5"))
     assert np.isclose(out["K=2"]["answers"] * 5, out["K=5"]["answers"] * 2)

@@ -6,12 +6,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tiny import TINY
 
 from jamba import pattern_from_periods
 from launch import report, sweep
 from launch.commands import LaunchError
 from train.checkpoint_layout import STATE_FILE, STATE_VERSION
-from train.testing import TINY
 
 # TINY without the keys the sweep sets itself (the layout and the experts).
 EXTRA = [o for o in TINY if o.split("=")[0] not in sweep.OWNED and not o.startswith("logging.wandb")]

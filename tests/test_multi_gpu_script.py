@@ -66,8 +66,10 @@ def test_multi_gpu_script_on_cpu(tmp_path):
 
 @pytest.mark.timeout(200)
 def test_profile_step_writes_a_table_and_a_trace(tmp_path):
+    from tiny import TINY
+    from train_runs import run_train
+
     from train.profiling import collective_share
-    from train.testing import TINY, run_train
 
     run = run_train(
         tmp_path / "run",

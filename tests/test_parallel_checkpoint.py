@@ -174,7 +174,8 @@ def test_train_resumes_on_one_rank_with_optimizer_states(tmp_path):
     # `python -m train` end to end: 2 ranks, EP=2, portable checkpoints -> 1 rank, EP=1, gradient accumulation 2
     # (the same global batch), optimizer states kept: the 2-rank losses go on (to 1e-5; the router statistics
     # are now per micro-batch instead of per EP group, a ~1e-6 difference here).
-    from train.testing import TINY, run_train
+    from tiny import TINY
+    from train_runs import run_train
 
     base = [
         *TINY,
@@ -204,7 +205,8 @@ def test_train_resumes_on_one_rank_with_optimizer_states(tmp_path):
 def test_single_rank_stage0_resumes_exactly_and_on_two_ranks(tmp_path):
     # One rank runs a plain DeepSpeed engine (stage 0: no second fp32 copy) and clips itself. Its checkpoints
     # resume exactly on one rank (DeepSpeed's files) and, through the portable state, on two ranks with ZeRO-1.
-    from train.testing import TINY, run_train
+    from tiny import TINY
+    from train_runs import run_train
 
     base = [
         *TINY,

@@ -143,9 +143,10 @@ def test_bf16_autocast_training_through_deepspeed_gpu(tmp_path):
     # masters) against the same run in fp32: close losses, but not the same numbers (bf16 really ran),
     # learning, and fp32 weights in the checkpoint
     from safetensors.torch import load_file
+    from tiny import TINY
+    from train_runs import run_train
 
     from train.checkpoint_layout import WEIGHTS_FILE, find_latest
-    from train.testing import TINY, run_train
 
     base = [
         *TINY,

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
+from tiny import tiny_config
 
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.experts import Experts
@@ -34,23 +35,15 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def tiny_cfg(**kw) -> JambaConfig:
+    """The tiny model with attention and MoE in the last layer, larger router losses, the reference kernels."""
     base = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
         layer_pattern="M ME * *E",
-        mamba_d_state=8,
         scan_chunk_size=8,
         router_aux_loss_coef=0.05,
         router_z_loss_coef=0.01,
         use_kernels=False,
     )
-    return JambaConfig(**{**base, **kw})
+    return tiny_config(**{**base, **kw})
 
 
 def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:

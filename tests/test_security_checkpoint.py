@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 from test_data_common import make_prepared
+from tiny import tiny_config
 
-from jamba import JambaConfig, JambaForCausalLM
+from jamba import JambaForCausalLM
 from jamba.hf_compat import to_hf_state_dict
 from launch.probe import ProbeConfig, probe_checkpoint
 from launch.report import main as report_main
@@ -32,17 +33,7 @@ def write_checkpoint(d: Path, data_path: str) -> Path:
     """A complete checkpoint of a tiny byte-vocabulary model whose recorded data.path is `data_path`."""
     from safetensors.torch import save_file
 
-    cfg = JambaConfig(
-        vocab_size=259,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_layer_period=2,
-        attn_layer_offset=1,
-        mamba_d_state=8,
-    )
+    cfg = tiny_config(vocab_size=259)
     d.mkdir(parents=True)
     save_file(
         {k: v.contiguous() for k, v in to_hf_state_dict(JambaForCausalLM(cfg, seed=0)).items()},

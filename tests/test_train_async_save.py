@@ -3,11 +3,12 @@ complete checkpoint and a resume continues exactly; every save logs its stall, w
 
 import pytest
 from safetensors import safe_open
+from tiny import TINY
+from train_runs import run_train
 
 from train.checkpoint_layout import STATE_FILE, WEIGHTS_FILE, find_latest, read_state, tag_for
 from train.checkpoint_load import safe_load
 from train.checkpoint_writer import WEIGHTS_ELSEWHERE
-from train.testing import TINY, run_train
 
 pytestmark = pytest.mark.distributed
 ONE_RANK = [

@@ -9,8 +9,9 @@ import random
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_config
 
-from jamba import JambaConfig, JambaForCausalLM
+from jamba import JambaForCausalLM
 from parallel.zero import deepspeed_config, optimizer_param_groups
 from train.checkpoint import Checkpointer
 from train.checkpoint_layout import STATE_FILE, STATE_VERSION, CheckpointError, find_latest, resolve, tag_for
@@ -24,19 +25,9 @@ from train.spikes import SpikeDetector
 
 
 def tiny_model() -> JambaForCausalLM:
-    cfg = JambaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        attn_layer_period=2,
-        attn_layer_offset=1,
-        mamba_d_state=8,
+    return JambaForCausalLM(
+        tiny_config(num_hidden_layers=2, attn_layer_period=2, attn_layer_offset=1), seed=0
     )
-    return JambaForCausalLM(cfg, seed=0)
 
 
 # ---- schedules --------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import TINY
+from train_runs import read_wandb_events, read_wandb_history, run_train
 
 from data import DataConfig, TokenLoader
 from train.checkpoint_layout import STATE_FILE, WEIGHTS_FILE, find_latest, read_state, tag_for
@@ -20,7 +22,6 @@ from train.config import Schedule, ScheduleConfig
 from train.eval import load_model
 from train.optim import lr_multiplier
 from train.spikes import ACTION_CODES, KIND_CODES, POLICY_CODES
-from train.testing import TINY, read_wandb_events, read_wandb_history, run_train
 
 pytestmark = pytest.mark.distributed
 # Two ranks, each holding 2 of the 4 experts of every MoE layer (parallel/expert_parallel.py), ZeRO-2 over

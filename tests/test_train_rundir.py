@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny import TINY
+from train_runs import run_train
 
 from train import rundir
 from train.rundir import LOCK_FILE, RunLock, RunLockError
-from train.testing import TINY, run_train
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny import TINY
+from train_runs import Run
 
 from train.checkpoint_layout import find_latest, read_state, tag_for
 from train.metrics import read_jsonl
-from train.testing import TINY, Run
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import TINY
+from train_runs import Run, run_train
 
 from data import DataConfig, TokenLoader
 from train.checkpoint_layout import WEIGHTS_FILE, read_state, tag_for
 from train.eval import load_model
-from train.testing import TINY, Run, run_train
 
 pytestmark = pytest.mark.distributed
 SPIKY = [*TINY, "spikes.min_history=3", "trainer.eval_interval=0"]

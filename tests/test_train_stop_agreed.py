@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
+from tiny import TINY
+from train_runs import run_train
 
 from train import distributed as D
 from train.checkpoint_layout import find_latest, read_state, tag_for
 from train.signals import StopRequest
-from train.testing import TINY, run_train
 
 pytestmark = pytest.mark.distributed
 TRIALS = 40

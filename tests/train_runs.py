@@ -1,4 +1,5 @@
-"""Helpers for tests and drills: launch `python -m train` as real processes, read what a run left behind.
+"""Launch `python -m train` from tests as real processes (launch.commands builds the command), read what a run
+left behind.
 
 Every launch is a subprocess with a timeout (a hung collective fails the test instead of the CI job) and
 one thread per rank (on a shared CPU, more threads per process only contend).
@@ -9,31 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .metrics import read_jsonl, read_wandb_file, read_wandb_table
+from launch.commands import local_command
+from train.metrics import read_jsonl, read_wandb_file, read_wandb_table
 
-# A model and batch small enough that startup dominates: 4 layers (Mamba, Mamba+MoE, attention, Mamba+MoE).
-TINY = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_hidden_layers=4",
-    "model.layer_pattern=MME*ME",
-    "model.num_attention_heads=4",
-    "model.num_key_value_heads=2",
-    "model.num_experts=4",
-    "model.mamba_d_state=8",
-    "model.vocab_size=259",
-    "data.seq_len=32",
-    "data.micro_batch_size=2",
-    "schedule.warmup_steps=2",
-    "trainer.eval_batches=2",
-    "logging.interval=1",
-    "logging.wandb.mode=disabled",
-    "logging.peak_tflops=1.0",
-]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -58,19 +41,7 @@ def run_train(
 ) -> Run:
     """`python -m train` (nproc == 1) or `torchrun --standalone --nproc_per_node nproc -m train`."""
     args = [f"run_dir={run_dir}", "run_name=test", *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "train", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "train",
-            *args,
-        ]
+    cmd = local_command(nproc, args)
     full_env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -84,7 +55,7 @@ def run_train(
         stderr=subprocess.STDOUT,
         text=True,
         env=full_env,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=ROOT,
         start_new_session=True,
     )
     try:
