@@ -72,6 +72,9 @@ def generate(
     dev = prompt.device
     if t == 0:
         raise ValueError("the prompt is empty: give at least one token")
+    lo, hi = int(prompt.min()), int(prompt.max())
+    if lo < 0 or hi >= model.config.vocab_size:
+        raise ValueError(f"prompt ids out of range [0, {model.config.vocab_size}): min {lo}, max {hi}")
     model.eval()
     autocast = torch.autocast(
         dev.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None

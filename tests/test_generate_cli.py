@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from train.testing import TINY, run_train
 
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.hf_compat import to_hf_state_dict
@@ -17,9 +18,7 @@ from train.config import ConfigError
 from train.export import main as export_main
 from train.generate import build_model
 from train.generate import main as generate_main
-from train.testing import TINY, run_train
-from train.trainer import Trainer
-from train.weights import init_from, load_weights
+from train.weights import init_from, load_weights, start_from
 
 pytestmark = pytest.mark.timeout(300)
 GREEDY = ["--prompt", "The cat", "--max-new-tokens", "12", "--temperature", "0"]
@@ -127,15 +126,11 @@ def test_init_from_trains_from_the_weights_with_a_fresh_step(run, tmp_path):
 
 
 def test_init_from_yields_to_the_runs_own_checkpoint(run, caplog):
-    def trainer(resume):
-        cfg = SimpleNamespace(resume=resume, init_from=str(run.hf))
-        return SimpleNamespace(cfg=cfg, model_cfg=None)
-
     model = JambaForCausalLM(load_weights(run.dir).config, seed=5)
     before = model.lm_head.weight.clone()
     with caplog.at_level("INFO"):
-        Trainer._init_from(trainer("auto"), model, run.step)
+        start_from(str(run.hf), model, model.config, "auto", run.step)
     assert "not used: resuming this run's own checkpoint" in caplog.text
     assert torch.equal(model.lm_head.weight, before)
     with pytest.raises(ConfigError, match="both choose the starting weights"):
-        Trainer._init_from(trainer(str(run.step)), model, run.step)
+        start_from(str(run.hf), model, model.config, str(run.step), run.step)

@@ -34,7 +34,7 @@ from .build import (
 )
 from .checkpoint import Checkpointer
 from .checkpoint_layout import CheckpointError, read_state, tag_for
-from .config import Config, ConfigError, SpikePolicy, to_container
+from .config import Config, SpikePolicy, to_container
 from .optim import clip_grad_norm_, lr_multiplier, set_lr
 from .profiling import profile_step
 from .progress import progress
@@ -51,7 +51,7 @@ from .spikes import (
 )
 from .summary import end_summary
 from .throughput import flops_per_token, memory_gb, peak_flops
-from .weights import config_differences, init_from
+from .weights import start_from
 
 log = logging.getLogger("train")
 HEAD = 7  # slots of the step statistics before the per-layer ones (see _forward_backward)
@@ -83,8 +83,8 @@ class Trainer:
         self.global_batch = cfg.data.micro_batch_size * cfg.trainer.grad_accum_steps * dist.world_size
         self.checkpointer = Checkpointer(cfg.checkpoint, dist, cfg.faults)
         resume_from = find_checkpoint(cfg.resume, self.checkpointer)
-        if cfg.init_from:
-            self._init_from(model, resume_from)
+        if cfg.init_from:  # weights only, before the model is spread; the run's own checkpoint comes first
+            start_from(cfg.init_from, model, self.model_cfg, cfg.resume, resume_from)
         if resume_from is not None:  # a different model is an error now, before DeepSpeed starts
             check_compatible(
                 resume_from,
@@ -130,31 +130,6 @@ class Trainer:
         )
 
     # ---- resume and checkpoints ----------------------------------------------------------------------
-    def _init_from(self, model, resume_from: Path | None) -> None:
-        """init_from: the weights only, on every rank before the model is spread. A checkpoint of this run
-        takes precedence (a restarted job goes on from its own step); resume=<path> with it is an error."""
-        if resume_from is not None and self.cfg.resume != "auto":
-            raise ConfigError(
-                f"init_from and resume={self.cfg.resume} both choose the starting weights: keep one (init_from: "
-                f"weights only, fresh step; resume: weights, optimizer, step and data position)"
-            )
-        if resume_from is not None:
-            log.info(
-                "init_from=%s not used: resuming this run's own checkpoint %s",
-                self.cfg.init_from,
-                resume_from,
-            )
-            return
-        try:
-            w = init_from(model, self.cfg.init_from)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        for diff in config_differences(w.config, self.model_cfg):
-            log.warning("init_from: %s (the shapes fit; the weights were trained with the other)", diff)
-        log.info(
-            "initialised from %s (%s weights): step 0, fresh optimizer, schedule and data", w.source, w.kind
-        )
-
     def _resume(self, ckpt: Path) -> None:
         state = self.checkpointer.load(self.engine, ckpt, optimizer=self.cfg.checkpoint.load_optimizer_states)
         self._set_state(state, data=True)

@@ -14,6 +14,7 @@ Nothing in a checkpoint is run: state dicts are read with torch.load(weights_onl
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from jamba.hf_compat import CONFIG_NAME, config_from_hf, read_safetensors_dir
 
 from .checkpoint_layout import MODEL_CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_state, resolve
 
+log = logging.getLogger("train.weights")
 STATE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 RUN_CHECKPOINTS = "checkpoints"  # <run_dir>/checkpoints: checkpoint.dir's default
 
@@ -239,3 +241,26 @@ def init_from(model, path: str | Path) -> Weights:
             f"init_from={path} holds a model of another shape: {what}; set model.* to match"
         ) from None
     return w
+
+
+def start_from(path: str, model, model_cfg: JambaConfig, resume: str, resume_from: Path | None) -> None:
+    """The trainer's `init_from`: the weights only, on every rank before the model is spread. A checkpoint
+    of the run itself takes precedence (a restarted job goes on from its own step); init_from together with
+    resume=<path> is an error. Raises ConfigError (one line, exit 2) on another model shape."""
+    from .config import ConfigError
+
+    if resume_from is not None and resume != "auto":
+        raise ConfigError(
+            f"init_from and resume={resume} both choose the starting weights: keep one (init_from: weights "
+            f"only, fresh step; resume: weights, optimizer, step and data position)"
+        )
+    if resume_from is not None:
+        log.info("init_from=%s not used: resuming this run's own checkpoint %s", path, resume_from)
+        return
+    try:
+        w = init_from(model, path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for diff in config_differences(w.config, model_cfg):
+        log.warning("init_from: %s (the shapes fit; the weights were trained with the other)", diff)
+    log.info("initialised from %s (%s weights): step 0, fresh optimizer, schedule and data", w.source, w.kind)
