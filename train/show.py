@@ -211,5 +211,7 @@ def handle_flags(argv: list[str]) -> None:
         print(help_text(cfg, m))
     else:
         print(config_yaml(cfg, m), end="")
+        if cfg.model.vocab_size is None and corpus_tokenizer(cfg) is None:
+            print("# model.vocab_size and the special ids: the preset's here; a run takes the corpus's")
         print("# " + layout_text(m).replace("\n", "\n# "))
     sys.exit(0)
