@@ -140,5 +140,11 @@ def test_progress_lines_only_for_long_work(caplog):
         with progress("slow", total=2, every_s=0.0, logger=log) as tick:
             tick()
             tick()
+        with progress("whole split", every_s=0.0, logger=log) as tick:
+            tick(3)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines[0].startswith("slow: 1/2 (50%)") and lines[-1].endswith(", done")
+    assert [ln.split(",")[0] for ln in lines] == [
+        "slow: 1/2 (50%)",
+        "slow: 2/2 (100%)",
+        "whole split: 3 done",
+    ]

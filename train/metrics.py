@@ -79,6 +79,7 @@ class WandbSink:
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
         )
         self.dir = Path(self.run.settings.sync_dir).absolute()
+        self.url = self.run.url if cfg.mode.value == "online" else None  # silent: the summary shows it
         # Steps go back after a rollback and repeat after a resume: plot against our step, not W&B's.
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")

@@ -22,21 +22,21 @@ def progress(
 ) -> Iterator[Callable[[int], None]]:
     out = logger or _log
     start = last = time.monotonic()
-    done = 0
+    done, shown = 0, 0
 
     def line(now: float, end: str = "") -> str:
         count = f"{done}/{total} ({100 * done / total:.0f}%)" if total else f"{done} done"
         return f"{what}: {count}, {now - start:.0f} s{end}"
 
     def tick(n: int = 1) -> None:
-        nonlocal done, last
+        nonlocal done, last, shown
         done += n
         now = time.monotonic()
         if now - last >= every_s:
             out.info("%s", line(now))
-            last = now
+            last, shown = now, done
 
     yield tick
     now = time.monotonic()
-    if now - start >= every_s:
+    if now - start >= every_s and shown != done:  # the closing count, unless the last line gave it
         out.info("%s", line(now, ", done"))

@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from jamba import JambaConfig
+from jamba.config import parse_pattern
 
 from .config import Config, ConfigError, build_model_config, to_container
 from .config_docs import choices, class_doc, setting_doc, walk
@@ -43,10 +44,9 @@ def layout_summary(m: JambaConfig) -> str:
 def layout_table(m: JambaConfig) -> list[str]:
     """A compact table, one column per layer: its index, mixer (M mamba, * attention) and feed-forward
     (E MoE, - dense); rows of ROW layers."""
-    mixers = [
-        "*" if k == "attention" else (k[0].upper() if k != "mamba" else "M") for k in m.layers_block_type
-    ]
-    ffs = ["E" if e else "-" for e in m.layers_is_moe]
+    layers = parse_pattern(m.pattern)  # the pattern's own symbols, whatever mixers jamba/ knows
+    mixers = [mixer for mixer, _ in layers]
+    ffs = ["E" if moe else "-" for _, moe in layers]
     out = []
     for s in range(0, len(mixers), ROW):
         idx = range(s, min(s + ROW, len(mixers)))
@@ -211,5 +211,7 @@ def handle_flags(argv: list[str]) -> None:
         print(help_text(cfg, m))
     else:
         print(config_yaml(cfg, m), end="")
+        if cfg.model.vocab_size is None and corpus_tokenizer(cfg) is None:
+            print("# model.vocab_size and the special ids: the preset's here; a run takes the corpus's")
         print("# " + layout_text(m).replace("\n", "\n# "))
     sys.exit(0)

@@ -35,8 +35,10 @@ def summary_lines(trainer, elapsed_s: float, start_step: int) -> list[str]:
     out.append(f"  logs        {trainer.run_dir / 'train.log'}, config.yaml, layout.txt, metrics.jsonl")
     wandb = next((s for s in trainer.metrics.sinks if isinstance(s, WandbSink)), None)
     if wandb is not None:
+        if getattr(wandb, "url", None):
+            out.append(f"  W&B         {wandb.url}")
         upload = f"  (upload: wandb sync {wandb.dir})" if cfg.logging.wandb.mode.value == "offline" else ""
-        out.append(f"  W&B         {wandb.dir}{upload}")
+        out.append(f"  W&B files   {wandb.dir}{upload}")
     return out
 
 
