@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from parallel.topology import EPPosition
 from parallel.zero import SAFE_GLOBALS
 
 from .config import CheckpointConfig, FaultConfig
@@ -208,9 +209,9 @@ class Checkpointer:
         from parallel.checkpoint import save_local_experts, save_portable
 
         if not consolidated:  # no consolidated weights: each EP position keeps its own experts
-            save_local_experts(engine.module, path)
+            save_local_experts(engine.module, self.dist, path)
         if self.cfg.portable:  # gathers per parameter: written now, not in the background
-            save_portable(engine, path)
+            save_portable(engine, self.dist, path)
         if self.dist.is_main and consolidated:
             meta = {"format": "pt", "step": str(step)}
             jobs.append(("safetensors", path / WEIGHTS_FILE, (tensors, meta)))
@@ -349,12 +350,12 @@ class Checkpointer:
 
     # ---- load ------------------------------------------------------------------------------------------
     @staticmethod
-    def _load_deepspeed(engine, ckpt: Path) -> None:
+    def _load_deepspeed(engine, ckpt: Path, ep: EPPosition) -> None:
         """Same layout: DeepSpeed's files (dense weights, this rank's ZeRO partitions), then this rank's
         experts from our per-EP-position files. DeepSpeed's loader wants per-expert files in the layout of
         its own MoE layer, which its saver never writes for ours (its module file holds rank 0's experts
         only): it loads as a dense model."""
-        from parallel.checkpoint import _ep_position, _expert_files, load_local_experts
+        from parallel.checkpoint import _expert_files, load_local_experts
 
         moe, engine.has_moe_layers = engine.has_moe_layers, False
         engine.checkpoint_engine.filled_weights = False
@@ -373,22 +374,22 @@ class Checkpointer:
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {ckpt} (files missing?)")
         if getattr(engine.checkpoint_engine, "filled_weights", False):
-            Checkpointer._load_weights(engine, ckpt, experts_only=False)  # the weights' only copy
+            Checkpointer._load_weights(engine, ckpt, ep, experts_only=False)  # the weights' only copy
             return
-        if _ep_position(engine.module)[1] == 1:
+        if ep.size == 1:
             return
         if _expert_files(ckpt):
             try:
-                load_local_experts(engine.module, ckpt)
+                load_local_experts(engine.module, ep, ckpt)
             except (OSError, ValueError, KeyError) as e:
                 raise CheckpointError(f"{ckpt}: cannot read this rank's experts: {e}") from None
             if not engine.zero_load_from_fp32_weights():  # else ZeRO's fp32 masters are restored already
                 engine.optimizer.refresh_fp32_params()
         else:  # a checkpoint from before the per-EP-position files
-            Checkpointer._load_weights(engine, ckpt, experts_only=True)
+            Checkpointer._load_weights(engine, ckpt, ep, experts_only=True)
 
     @staticmethod
-    def _load_weights(engine, ckpt: Path, experts_only: bool) -> None:
+    def _load_weights(engine, ckpt: Path, ep: EPPosition, experts_only: bool) -> None:
         """This rank's part of model_state.safetensors (its slice of every expert tensor under expert
         parallelism) into the module, then into the ZeRO optimizer's fp32 copy."""
         from safetensors.torch import load_file
@@ -404,7 +405,7 @@ class Checkpointer:
         if experts_only:
             sd = {k: v for k, v in sd.items() if ".experts." in k}
         with torch.no_grad():
-            res = load_full_state_dict(engine.module, sd, strict=False)
+            res = load_full_state_dict(engine.module, sd, ep, strict=False)
         module = engine.module
         tied = module.lm_head.weight is module.model.embed_tokens.weight
         bad = [k for k in res.missing_keys if not (experts_only or (tied and k == "lm_head.weight"))]
@@ -422,7 +423,7 @@ class Checkpointer:
         with fresh AdamW moments. On another layout (world size or expert-parallel size) the optimizer
         states come from the checkpoint's portable state, if it has one. Check the state (model shape,
         world size) first: DeepSpeed's own errors on a mismatch are cryptic."""
-        from parallel.checkpoint import _ep_position, has_portable, load_portable
+        from parallel.checkpoint import has_portable, load_portable
 
         from .checkpoint_writer import SnapshotEngine
 
@@ -432,19 +433,19 @@ class Checkpointer:
         saved_ep = state.get("config", {}).get("parallel", {}).get("expert_parallel_size", 1)
         same_layout = (state.get("world_size"), saved_ep) == (
             self.dist.world_size,
-            _ep_position(engine.module)[1],
+            self.dist.ep.size,
         )
         if not optimizer:
-            self._load_weights(engine, ckpt, experts_only=False)
+            self._load_weights(engine, ckpt, self.dist.ep, experts_only=False)
         elif not same_layout:
             if not has_portable(ckpt):
                 raise CheckpointError(
                     f"{ckpt} was written by {state.get('world_size')} ranks (expert-parallel size {saved_ep}) "
                     f"without a portable optimizer state (checkpoint.portable=true); this run has "
-                    f"{self.dist.world_size} (expert-parallel size {_ep_position(engine.module)[1]}). Resume on "
+                    f"{self.dist.world_size} (expert-parallel size {self.dist.ep.size}). Resume on "
                     f"the same layout, or set checkpoint.load_optimizer_states=false"
                 )
-            step = load_portable(engine, ckpt)
+            step = load_portable(engine, self.dist.ep, ckpt)
             log.info(
                 "%s: weights and Adam states (step %d) from its portable state, re-split over %d ranks",
                 ckpt,
@@ -452,7 +453,7 @@ class Checkpointer:
                 self.dist.world_size,
             )
         else:
-            self._load_deepspeed(engine, ckpt)
+            self._load_deepspeed(engine, ckpt, self.dist.ep)
         rng = ckpt / "rng" / f"rank_{self.dist.rank:05d}.pt"
         if state.get("world_size") == self.dist.world_size and rng.is_file():
             set_rng_state(safe_load(rng), self.dist.device)  # our own file: plain tensors and numbers

@@ -36,7 +36,7 @@ def load_model(ckpt: Path, device: torch.device) -> JambaForCausalLM:
         )
     from safetensors.torch import load_file
 
-    cfg = JambaConfig.from_dict({**json.loads(config.read_text()), "activation_checkpointing": "none"})
+    cfg = JambaConfig.from_dict(json.loads(config.read_text()))
     model = JambaForCausalLM(cfg, init=False)
     load_hf_state_dict(model, load_file(str(weights)))
     return model.to(device).eval()

@@ -17,18 +17,17 @@ from pathlib import Path
 import torch
 
 from data import DataError
+from parallel.apply import apply_parallelism
+from parallel.config import resolve_precision
 
 from . import distributed as D
 from .build import (
-    apply_parallelism,
     build_data,
     build_engine,
     build_metrics,
     build_model,
     consolidated_state_dict,
     log_kernels,
-    maybe_compile,
-    resolve_precision,
     set_deterministic,
 )
 from .checkpoint import Checkpointer, read_state
@@ -60,11 +59,11 @@ class Trainer:
         self.train_data, self.val_data = build_data(cfg.data, dist)
         td = self.train_data
         ids = {"bos_token_id": td.bos_id, "eos_token_id": td.eos_id, "pad_token_id": td.pad_id}
-        self.model_cfg, model = build_model(cfg, td.vocab_size, ids)
+        self.precision = resolve_precision(cfg.parallel.precision, dist.device)
+        self.model_cfg, model = build_model(cfg, td.vocab_size, ids, dist.device, self.precision)
         log_kernels(model)
         self.param_shapes = {n: list(p.shape) for n, p in model.named_parameters()}
         self.moe_layers = [i for i, moe in enumerate(self.model_cfg.layers_is_moe) if moe]
-        self.precision = resolve_precision(cfg.parallel.precision, dist.device)
         self.config = to_container(cfg)
         self.global_batch = cfg.data.micro_batch_size * cfg.trainer.grad_accum_steps * dist.world_size
         self.checkpointer = Checkpointer(cfg.checkpoint, dist, cfg.faults)
@@ -79,8 +78,7 @@ class Trainer:
                 self.global_batch,
                 dist.world_size,
             )
-        apply_parallelism(model, cfg, dist)
-        maybe_compile(model, cfg, dist)
+        apply_parallelism(model, cfg.parallel, dist)  # expert parallelism, checkpointing, compile
         self.engine, self.optimizer = build_engine(model, cfg, dist, self.precision)
         self.checkpointer.install_safe_loading(self.engine)
         self.spikes = SpikeDetector(cfg.spikes)
@@ -158,7 +156,7 @@ class Trainer:
         if self.last_saved == self.step:
             return
         """Start a checkpoint of this step: training goes on while it is written (Checkpointer.start)."""
-        weights = consolidated_state_dict(self.engine.module, self.cfg)
+        weights = consolidated_state_dict(self.engine.module, self.dist)
         mine = weights if self.dist.is_main else None  # None on every rank: experts saved per EP position
         self.checkpointer.start(self.engine, self.step, self._state(), mine, consolidated=weights is not None)
         self.last_saved = self.step
@@ -168,7 +166,7 @@ class Trainer:
         host buffers of the checkpoints in the background, so the first save does not wait for that."""
         if not self.checkpointer.pins or not (self.cfg.checkpoint.interval or self.cfg.checkpoint.save_final):
             return
-        weights = consolidated_state_dict(self.engine.module, self.cfg)
+        weights = consolidated_state_dict(self.engine.module, self.dist)
         mine = weights if self.dist.is_main else None
         self.checkpointer.prepare(self.engine, mine, consolidated=weights is not None)
 
