@@ -14,8 +14,8 @@ Implementations (--which):
   ...-det       (suffix) trainer.deterministic=true: torch's deterministic algorithms, our Triton scan (auto),
                 PyTorch's conv (train/build.py set_deterministic), to measure what bitwise repeatability costs.
 All: torch fused AdamW (client optimizer, so no JIT build), clipping 1.0, the same weights and batches.
-A spec ending in :ckpt turns on full activation checkpointing; :key=value sets a runtime field of our model
-(e.g. :ff_chunk_size=16384 or :residual_in_fp32=false). Checks that the step-0 losses agree (1e-2 relative),
+A spec ending in :ckpt turns on full activation checkpointing; :key=value sets a field of our model's config
+or of its jamba.runtime.Runtime (e.g. :ff_chunk_size=16384 or :residual_in_fp32=false). Checks that the step-0 losses agree (1e-2 relative),
 then prints: ms/step, tokens/s, MFU (6N: 6 x active matmul params, the issue's convention; and all FLOPs incl. attention and scan,
 from jamba.counting; 989 TFLOP/s dense bf16 peak), peak memory.
 """
@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from jamba import JambaForCausalLM, get_preset
 from jamba.counting import flops_per_token
 from jamba.hf_compat import config_to_hf, load_hf_state_dict
+from jamba.runtime import RUNTIME_KEYS, Runtime
 from jamba.scan import kernels_available
+from parallel.apply import set_activation_checkpointing
 
 PEAK = 989e12
 
@@ -116,7 +118,7 @@ def ours_loss(m, x):
     return out.lm_loss, out.loss
 
 
-def run_one(name, cfg, batch, seq, steps, which, state_dict, ckpt):
+def run_one(name, cfg, batch, seq, steps, which, state_dict, ckpt, runtime=None):
     import deepspeed
 
     if which == "hf":
@@ -124,9 +126,8 @@ def run_one(name, cfg, batch, seq, steps, which, state_dict, ckpt):
         loss_fn = hf_loss
     else:
         with torch.device("cuda"):
-            model = JambaForCausalLM(
-                cfg.replace(activation_checkpointing="full" if ckpt else "none"), init=False
-            )
+            model = JambaForCausalLM(cfg, init=False, runtime=runtime)
+        set_activation_checkpointing(model, "full" if ckpt else "none")
         load_hf_state_dict(model, state_dict)
         if "compile" in flags(which):
             model.compile_layers()
@@ -179,9 +180,10 @@ def measure(spec: str, which: str, steps: int) -> dict:
     preset, b, s, *rest = spec.split(":")
     b, s, ckpt = int(b), int(s), "ckpt" in rest
     cfg = get_preset(preset)
-    extra = dict(kv.split("=") for kv in rest if "=" in kv)
+    extra = {k: _value(v) for k, v in (kv.split("=") for kv in rest if "=" in kv)}
+    runtime = Runtime(**{k: v for k, v in extra.items() if k in RUNTIME_KEYS})
     if extra and which.startswith("ours"):
-        cfg = cfg.replace(**{k: _value(v) for k, v in extra.items()})
+        cfg = cfg.replace(**{k: v for k, v in extra.items() if k not in RUNTIME_KEYS})
     if "det" in flags(which):  # before cuBLAS starts and our model is built (it picks the scan, conv kernels)
         from train.build import set_deterministic
 
@@ -193,7 +195,7 @@ def measure(spec: str, which: str, steps: int) -> dict:
         del ref
         torch.cuda.empty_cache()
     try:
-        first, ms, peak = run_one(preset, cfg, b, s, steps, which, sd, ckpt)
+        first, ms, peak = run_one(preset, cfg, b, s, steps, which, sd, ckpt, runtime)
     except torch.OutOfMemoryError:
         return {"oom": True}
     return {"first": first, "ms": ms, "peak": peak}

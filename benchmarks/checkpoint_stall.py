@@ -43,8 +43,9 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from safetensors.torch import save_file
 
+    from parallel.config import resolve_precision
     from train import distributed
-    from train.build import build_data, build_engine, build_model, consolidated_state_dict, resolve_precision
+    from train.build import build_data, build_engine, build_model, consolidated_state_dict
     from train.checkpoint import Checkpointer
     from train.config import register, to_config
 
@@ -58,7 +59,9 @@ def main() -> None:
     cfg = to_config(dcfg)
     dist = distributed.init(cfg.parallel)
     train_data, _ = build_data(cfg.data, dist)
-    _, model = build_model(cfg, train_data.vocab_size)
+    _, model = build_model(
+        cfg, train_data.vocab_size, None, dist.device, resolve_precision(cfg.parallel.precision, dist.device)
+    )
     engine, _ = build_engine(model, cfg, dist, resolve_precision(cfg.parallel.precision, dist.device))
     x, y = next(iter(train_data))
     x, y = x.to(dist.device), y.to(dist.device)
@@ -83,7 +86,7 @@ def main() -> None:
     if not args.no_sync:  # the old path: DeepSpeed's own torch.save engine, then the safetensors weights
         t0 = time.perf_counter()
         engine.save_checkpoint(str(out / "sync"), tag="step_00000001", save_latest=False)
-        weights = consolidated_state_dict(engine.module, cfg)
+        weights = consolidated_state_dict(engine.module, dist)
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in weights.items()},
             str(out / "sync" / "w.safetensors"),
@@ -98,7 +101,7 @@ def main() -> None:
     if not args.no_prepare and ck.pins:
         alone = [step() for _ in range(3)]
         t0 = time.perf_counter()
-        ck.prepare(engine, consolidated_state_dict(engine.module, cfg))
+        ck.prepare(engine, consolidated_state_dict(engine.module, dist))
         during = []
         while host.preparing is not None and host.preparing.is_alive():
             during.append(step())
@@ -111,7 +114,7 @@ def main() -> None:
     first = "async, first save" + (" (pinned ahead)" if ck.pins and not args.no_prepare else "")
     names = [first] + ["async, next save (buffers reused)"] * (args.saves - 1)
     for i, name in enumerate(names):
-        ck.start(engine, i + 1, state, consolidated_state_dict(engine.module, cfg))
+        ck.start(engine, i + 1, state, consolidated_state_dict(engine.module, dist))
         stall = ck.stall_s
         figures = ck.wait()
         rows.append((name, stall, figures["checkpoint/write_s"], figures["checkpoint/bytes"] / 1e9))

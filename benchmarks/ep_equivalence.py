@@ -38,10 +38,11 @@ def run(out: Path, cpu: bool) -> None:
     import torch.distributed as dist
 
     from jamba import JambaConfig, JambaForCausalLM
+    from jamba.runtime import Runtime
     from parallel.data_parallel import allreduce_gradients
     from parallel.expert_parallel import apply_expert_parallel, gather_expert_grads, is_expert_param
     from parallel.grad_norm import global_grad_norm
-    from parallel.groups import init_process_groups
+    from parallel.topology import make_topology
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cpu") if cpu else torch.device("cuda", local)
@@ -63,11 +64,12 @@ def run(out: Path, cpu: bool) -> None:
         num_experts_per_tok=2,
         layer_pattern="M ME * *E",
         mamba_d_state=8 if cpu else 16,
-        scan_chunk_size=8,
         router_aux_loss_coef=0.05,
         router_z_loss_coef=0.01,
-        use_kernels=not cpu,  # mamba-ssm / causal-conv1d where importable
     )
+    # mamba-ssm / causal-conv1d where importable; fp32 matmuls (the experts' backend chosen for them)
+    rt = Runtime(use_kernels=not cpu, scan_chunk_size=8)
+    dev_type = "cpu" if cpu else "cuda"
     seq = 12 if cpu else 256
 
     def batch(r: int):
@@ -76,7 +78,7 @@ def run(out: Path, cpu: bool) -> None:
         return x[:, :-1].to(device), x[:, 1:].to(device)
 
     # the reference: one unsharded model on every rank's batch concatenated (one router-statistics group)
-    ref = JambaForCausalLM(cfg, seed=0).to(device)
+    ref = JambaForCausalLM(cfg, seed=0, runtime=rt, device_type=dev_type, dtype=torch.float32).to(device)
     xs, ys = zip(*(batch(r) for r in range(world)), strict=True)
     r_out = ref(torch.cat(xs), labels=torch.cat(ys))
     r_out.loss.backward()
@@ -85,15 +87,15 @@ def run(out: Path, cpu: bool) -> None:
 
     results = {}
     for ep, scope in ((world, "ep"), (1, "world")):
-        groups = init_process_groups(ep, E)
-        model = JambaForCausalLM(cfg, seed=0)
-        apply_expert_parallel(model, ep, groups, stats_scope=scope)
+        groups = make_topology(ep, device)
+        model = JambaForCausalLM(cfg, seed=0, runtime=rt, device_type=dev_type, dtype=torch.float32)
+        apply_expert_parallel(model, groups, stats_scope=scope)
         model.to(device)
         x, y = batch(rank)
         t0 = time.perf_counter()
         o = model(x, labels=y)
         o.loss.backward()
-        allreduce_gradients(model.parameters())
+        allreduce_gradients(model.parameters(), groups)
         loss = o.loss.detach().clone()
         dist.all_reduce(loss)
         experts = gather_expert_grads(model, groups)
@@ -103,7 +105,7 @@ def run(out: Path, cpu: bool) -> None:
                 expert = max(expert, _rel(experts[n], ref_grads[n]))
             else:
                 dense = max(dense, _rel(p.grad, ref_grads[n]))
-        norm = global_grad_norm(model.parameters())
+        norm = global_grad_norm(model.parameters(), ep_group=groups.ep_group)
         aux = torch.tensor([_rel(o.aux_loss, r_out.aux_loss)], dtype=torch.float64, device=device)
         dist.all_reduce(aux, op=dist.ReduceOp.MAX)  # every rank's aux equals the reference's
         errs = {

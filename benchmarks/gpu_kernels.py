@@ -16,6 +16,7 @@ import torch
 
 from jamba import JambaForCausalLM, get_preset
 from jamba.experts import experts_grouped, experts_ref
+from jamba.runtime import Runtime
 from jamba.scan import (
     causal_conv1d,
     causal_conv1d_ref,
@@ -93,7 +94,7 @@ def model_check(rows):
     x = torch.randint(0, 512, (2, 513), device="cuda")
     outs = []
     for kernels in (True, False):
-        m = JambaForCausalLM(cfg.replace(use_kernels=kernels), seed=0).cuda()
+        m = JambaForCausalLM(cfg, seed=0, runtime=Runtime(use_kernels=kernels), dtype=torch.float32).cuda()
         o = m(x[:, :-1], labels=x[:, 1:], return_logits=True)
         o.loss.backward()
         outs.append((o.logits.detach(), {n: p.grad for n, p in m.named_parameters()}))

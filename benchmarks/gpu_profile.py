@@ -18,6 +18,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from jamba import JambaForCausalLM, get_preset
 from jamba.layers import MIXERS
+from jamba.runtime import Runtime
+from parallel.apply import set_activation_checkpointing
 
 MIXER_ATTRS = {m.attr for m in MIXERS.values()}
 
@@ -46,7 +48,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=35)
     ap.add_argument("--precision", default="autocast", choices=["autocast", "bf16"])
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--scan-backend", default="auto", help="model.scan_backend: auto|triton|mamba_ssm|torch")
+    ap.add_argument(
+        "--scan-backend", default="auto", help="runtime.scan_backend: auto|triton|mamba_ssm|torch"
+    )
     ap.add_argument("--deterministic", action="store_true", help="as trainer.deterministic=true")
     ap.add_argument(
         "--where",
@@ -58,8 +62,10 @@ def main() -> None:
         from train.build import set_deterministic
 
         set_deterministic(True)
-    cfg = get_preset(args.preset, activation_checkpointing=args.ckpt, scan_backend=args.scan_backend)
-    m = JambaForCausalLM(cfg, seed=0).cuda()
+    cfg = get_preset(args.preset)
+    rt = Runtime(scan_backend=args.scan_backend)
+    m = JambaForCausalLM(cfg, seed=0, runtime=rt, device_type="cuda", dtype=torch.bfloat16).cuda()
+    set_activation_checkpointing(m, args.ckpt)
     if args.precision == "bf16":
         m = m.to(torch.bfloat16)
     if args.compile:

@@ -1,4 +1,4 @@
-"""The model config: every field of transformers' JambaConfig plus a few training knobs.
+"""The model config: every field of transformers' JambaConfig plus the layout and residual dtype.
 
 Validation happens at construction so a bad config fails before any tensor is allocated,
 with a message naming the offending field.
@@ -7,6 +7,7 @@ with a message naming the offending field.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -25,6 +26,18 @@ __all__ = [
     "pattern_from_periods",
     "periods_from_pattern",
 ]
+# Keys older model_config.json files hold that are runtime settings now (jamba/runtime.py, the trainer's
+# `runtime` and `parallel` groups): ignored on load.
+MOVED_TO_RUNTIME = (
+    "activation_checkpointing",
+    "use_kernels",
+    "scan_backend",
+    "scan_chunk_size",
+    "scan_block_size",
+    "loss_chunk_size",
+    "ff_chunk_size",
+)
+log = logging.getLogger("jamba.config")
 
 
 @dataclass
@@ -71,19 +84,6 @@ class JambaConfig:
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
-    # Runtime choices that do not change the weights.
-    activation_checkpointing: str = "none"
-    use_kernels: bool = True  # fast GPU kernels when importable; pure PyTorch otherwise
-    # selective scan: auto (on a GPU the fastest available, measured; PyTorch elsewhere) | triton (ours) |
-    # mamba_ssm | torch. Chosen once when the model is built (jamba.scan.resolve_scan_backend).
-    scan_backend: str = "auto"
-    scan_chunk_size: int = 16  # chunk length of the CPU selective scan
-    # tokens per block of the PyTorch scan (no mamba-ssm): bounds its [b, block, d_inner, d_state] fp32 tensors
-    scan_block_size: int = 512
-    loss_chunk_size: int = 4096  # tokens per chunk of the cross-entropy (never full-vocab logits for all)
-    # Tokens per feed-forward chunk when training (0: all at once). Long contexts: the MoE's [tokens*k, 2F]
-    # intermediates of one chunk live at a time (each chunk is recomputed in backward). Exact.
-    ff_chunk_size: int = 0
     # Under autocast (fp32 weights) the residual stream is fp32, as mamba-ssm's residual_in_fp32. False keeps it
     # in the autocast dtype (bf16, as Megatron's default and transformers in bf16): half the memory of the
     # checkpointed layer inputs, which is what grows with context length. No effect without autocast.
@@ -113,9 +113,6 @@ class JambaConfig:
             "mamba_d_state",
             "mamba_d_conv",
             "mamba_expand",
-            "scan_chunk_size",
-            "scan_block_size",
-            "loss_chunk_size",
         ):
             v = getattr(self, name)
             need(
@@ -127,11 +124,6 @@ class JambaConfig:
             isinstance(self.mamba_dt_rank, int) and self.mamba_dt_rank > 0,
             "mamba_dt_rank",
             f"must be 'auto' or a positive int, got {self.mamba_dt_rank!r}",
-        )
-        need(
-            self.scan_backend in ("auto", "triton", "mamba_ssm", "torch"),
-            "scan_backend",
-            f"must be auto|triton|mamba_ssm|torch, got {self.scan_backend!r}",
         )
         for kind in ("attn", "expert"):
             period, offset = getattr(self, f"{kind}_layer_period"), getattr(self, f"{kind}_layer_offset")
@@ -163,16 +155,6 @@ class JambaConfig:
             f"top-k={self.num_experts_per_tok} exceeds num_experts={self.num_experts}",
         )
         need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
-        need(
-            self.activation_checkpointing in CHECKPOINT_CHOICES,
-            "activation_checkpointing",
-            f"must be one of {CHECKPOINT_CHOICES}, got {self.activation_checkpointing!r}",
-        )
-        need(
-            isinstance(self.ff_chunk_size, int) and self.ff_chunk_size >= 0,
-            "ff_chunk_size",
-            f"must be an int >= 0 (0: no chunking), got {self.ff_chunk_size!r}",
-        )
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         need(
             0 < self.mamba_dt_min <= self.mamba_dt_max,
@@ -263,6 +245,14 @@ class JambaConfig:
     @classmethod
     def from_dict(cls, d: dict) -> JambaConfig:
         names = {f.name for f in dataclasses.fields(cls)}
+        moved = sorted(k for k in d if k in MOVED_TO_RUNTIME)
+        if (
+            moved
+        ):  # written before these became runtime settings (jamba/runtime.py): not the weights' business
+            log.info(
+                "model config: ignoring %s (runtime settings now, not part of the model)", ", ".join(moved)
+            )
+            d = {k: v for k, v in d.items() if k not in MOVED_TO_RUNTIME}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"JambaConfig: unknown keys {unknown}")

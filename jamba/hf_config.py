@@ -127,7 +127,7 @@ def config_to_hf(cfg: JambaConfig, use_mamba_kernels: bool | None = None) -> dic
     """A transformers JambaConfig dict (what `config.json` holds) describing the same weights and forward.
 
     transformers places layers by (period, offset) only, so a `layer_pattern` must be periodic. Runtime
-    knobs (checkpointing, chunk sizes) are not written; `use_mamba_kernels` defaults to `cfg.use_kernels`.
+    knobs (checkpointing, chunk sizes) are not written; `use_mamba_kernels` defaults to True.
     """
     if cfg.use_rope:
         raise ValueError(
@@ -167,7 +167,7 @@ def config_to_hf(cfg: JambaConfig, use_mamba_kernels: bool | None = None) -> dic
     d.update(
         use_cache="attention" in cfg.layers_block_type,
         output_router_logits=False,
-        use_mamba_kernels=cfg.use_kernels if use_mamba_kernels is None else bool(use_mamba_kernels),
+        use_mamba_kernels=True if use_mamba_kernels is None else bool(use_mamba_kernels),
         use_mambapy=False,
     )
     return d

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import JambaConfig
 from .norm import RMSNorm
-from .scan import _scan_block, causal_conv1d, conv_backend, resolve_scan_backend, selective_scan
+from .scan import _scan_block, causal_conv1d, selective_scan
 
 try:  # mamba-ssm's one-token state update (Triton, CUDA only), optional
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
@@ -63,17 +63,11 @@ class MambaMixer(nn.Module):
         self.dt_layernorm = RMSNorm(r, eps=cfg.rms_norm_eps)
         self.b_layernorm = RMSNorm(n, eps=cfg.rms_norm_eps)
         self.c_layernorm = RMSNorm(n, eps=cfg.rms_norm_eps)
-        self.use_kernels = cfg.use_kernels
-        # chosen once, for the device this process trains on (CPU tensors always take the PyTorch scan)
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        self.scan_backend = resolve_scan_backend(
-            cfg.scan_backend if cfg.use_kernels else "torch", device_type
-        )
-        self.conv_backend = conv_backend(device_type, cfg.use_kernels)
-        self.scan_chunk, self.scan_block = cfg.scan_chunk_size, cfg.scan_block_size
+        # the PyTorch reference until jamba.runtime.apply_runtime hands over the backends chosen for the run
+        self.use_kernels, self.scan_backend, self.conv_backend = False, "torch", "torch"
+        self.scan_chunk, self.scan_block = 16, 512
         for p in (self.A_log, self.D, self.dt_proj.bias):
             p._no_weight_decay = True  # read by the optimizer's param groups
-            p._keep_fp32 = True
 
     def new_cache(self, batch_size: int, max_len: int, device, dtype) -> MambaCache:
         """max_len is unused: the state does not grow with the context."""

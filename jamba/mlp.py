@@ -17,7 +17,7 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(h, f, bias=False)
         self.up_proj = nn.Linear(h, f, bias=False)
         self.down_proj = nn.Linear(f, h, bias=False)
-        self.chunk = cfg.ff_chunk_size
+        self.chunk = 0  # runtime.ff_chunk_size (jamba/runtime.py)
 
     def _ff(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

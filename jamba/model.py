@@ -16,6 +16,7 @@ from .config import JambaConfig
 from .init import init_weights
 from .layers import FEED_FORWARDS, MIXERS, checkpointed
 from .norm import RMSNorm
+from .runtime import Runtime, apply_runtime
 
 
 @dataclass
@@ -62,7 +63,7 @@ class JambaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.checkpointing = cfg.activation_checkpointing
+        self.checkpointing = "none"  # set by parallel.apply (a training technique, not the model's)
         self.residual_in_fp32 = cfg.residual_in_fp32
 
     def _checkpointed(self, layer: DecoderLayer) -> bool:
@@ -109,7 +110,17 @@ def chunked_cross_entropy(
 
 
 class JambaForCausalLM(nn.Module):
-    def __init__(self, cfg: JambaConfig, init: bool = True, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: JambaConfig,
+        init: bool = True,
+        seed: int | None = None,
+        runtime: Runtime | None = None,
+        device_type: str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """`runtime`: kernels and chunk sizes (jamba/runtime.py; default Runtime()), resolved once for
+        `device_type` with matmuls in `dtype` (default: the GPU in bf16 if there is one, else the CPU)."""
         super().__init__()
         self.config = cfg
         self.model = JambaModel(cfg)
@@ -119,6 +130,7 @@ class JambaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         if init:
             init_weights(self, cfg, seed=seed)
+        apply_runtime(self, runtime or Runtime(), device_type, dtype)  # sets loss_chunk_size, backends
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list:
         """One cache per layer for generating up to max_len tokens (prompt included); dtype: that of the
@@ -157,7 +169,7 @@ class JambaForCausalLM(nn.Module):
                 )
             else:
                 out.lm_loss = chunked_cross_entropy(
-                    h, self.lm_head.weight, labels, self.config.loss_chunk_size, self._ce_chunk
+                    h, self.lm_head.weight, labels, self.loss_chunk_size, self._ce_chunk
                 )
             out.loss = out.lm_loss
         if stats:

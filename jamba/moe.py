@@ -63,10 +63,10 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
         self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.use_kernels)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
         self.dispatcher: Callable = local_dispatch
         self.reduce_stats: Callable | None = None
-        self.chunk = cfg.ff_chunk_size
+        self.chunk = 0  # runtime.ff_chunk_size (jamba/runtime.py)
 
     def _dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         """All tokens at once, or (training, ff_chunk_size set) in recomputed chunks of tokens. Every rank

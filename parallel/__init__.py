@@ -1,15 +1,17 @@
-"""parallel/: spreads a built Jamba model over ranks. The model (jamba/) knows nothing of this.
+"""parallel/: spreads a built Jamba model over ranks and applies the training techniques. The model (jamba/)
+knows nothing of this.
 
-- config.ParallelConfig                 the knobs (EP size, ZeRO stage, precision), validated
-- groups.init_process_groups            EP / expert-data / data-parallel groups (+ DeepSpeed registration)
+- config.ParallelConfig                  the knobs (ZeRO stage, EP size, precision, checkpointing, compile)
+- topology.make_topology / Topology      this rank, its device, its EP position (EPPosition) and groups
+- apply.apply_parallelism                 expert parallelism, activation checkpointing, compile, in order
 - expert_parallel.apply_expert_parallel  shard experts, all-to-all dispatch, EP-wide router statistics
-- deepspeed_moe.prepare_deepspeed_moe   make DeepSpeed's engine reduce expert gradients right
+- deepspeed_moe.prepare_deepspeed_moe    make DeepSpeed's engine reduce expert gradients right
 - grad_norm.clip_grad_norm_              the global norm with each expert counted once
-- plan (python -m parallel.plan)         groups, experts per rank, ZeRO partitioning, memory per GPU
-DeepSpeed is imported only by deepspeed_moe and groups.register_with_deepspeed.
+- plan (python -m parallel.plan)         the smallest plan that fits, groups, ZeRO partitioning, memory per GPU
+DeepSpeed is imported only by deepspeed_moe and zero.
 """
 
-from .config import ParallelConfig
+from .config import PRECISIONS, ZERO_STAGES, ParallelConfig
 from .expert_parallel import (
     apply_expert_parallel,
     gather_full_state_dict,
@@ -17,18 +19,21 @@ from .expert_parallel import (
     load_full_state_dict,
 )
 from .grad_norm import clip_grad_norm_, global_grad_norm
-from .groups import GroupLayout, ProcessGroups, check_expert_parallel, init_process_groups
+from .topology import EPPosition, GroupLayout, Topology, check_expert_parallel, make_topology
 
 __all__ = [
+    "EPPosition",
     "GroupLayout",
+    "PRECISIONS",
     "ParallelConfig",
-    "ProcessGroups",
+    "Topology",
+    "ZERO_STAGES",
     "apply_expert_parallel",
     "check_expert_parallel",
     "clip_grad_norm_",
     "gather_full_state_dict",
     "global_grad_norm",
-    "init_process_groups",
     "is_expert_param",
     "load_full_state_dict",
+    "make_topology",
 ]

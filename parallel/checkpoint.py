@@ -20,10 +20,10 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .expert_parallel import EXPERT_PARAM_NAMES, _expert_modules
+from .topology import EPPosition, Topology
 
 EXPERTS_FILE = "experts_ep{}.safetensors"
 PORTABLE_DIR = "portable"
@@ -31,37 +31,19 @@ DENSE_FILE = "dense.safetensors"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def expert_params(model: nn.Module) -> dict[str, tuple[nn.Parameter, int, int, int, int]]:
-    """Full name -> (param, expert_offset, num_local, num_global, ep_size) for every expert tensor."""
+def expert_params(model: nn.Module, ep: EPPosition) -> dict[str, tuple[nn.Parameter, int, int, int]]:
+    """Full name -> (param, expert_offset, num_local, num_global) for every expert tensor of this rank."""
     out = {}
     for mname, ex in _expert_modules(model).items():
+        E = ex.num_experts * ep.size
         for pname in EXPERT_PARAM_NAMES:
             out[f"{mname}.{pname}" if mname else pname] = (
                 getattr(ex, pname),
-                getattr(ex, "expert_offset", 0),
+                ep.offset(E),
                 ex.num_experts,
-                getattr(ex, "num_global_experts", ex.num_experts),
-                getattr(ex, "ep_size", 1),
+                E,
             )
     return out
-
-
-def ep_position(model: nn.Module) -> tuple[int, int]:
-    """(ep_rank, ep_size) of this rank; (0, 1) without expert parallelism."""
-    info = next(iter(expert_params(model).values()), None)
-    if info is None:
-        return 0, 1
-    _, off, n_local, _, ep = info
-    return off // n_local, ep
-
-
-def _writes_experts(model: nn.Module) -> bool:
-    """The one rank per EP position that writes its expert files: edp_rank 0 (ranks 0..ep-1)."""
-    return _rank() < ep_position(model)[1]
 
 
 def _save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
@@ -75,24 +57,23 @@ def _save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
     )
 
 
-def _expert_meta(model: nn.Module) -> dict:
+def _expert_meta(params: dict) -> dict:
     return {
         name: {"expert_offset": off, "num_local": n, "num_experts": E}
-        for name, (_, off, n, E, _) in expert_params(model).items()
+        for name, (_, off, n, E) in params.items()
     }
 
 
-def save_local_experts(model: nn.Module, ckpt: Path) -> None:
+def save_local_experts(model: nn.Module, topo: Topology, ckpt: Path) -> None:
     """Write this EP position's expert tensors to experts_ep<r>.safetensors (edp_rank 0 only; no
     communication)."""
-    params = expert_params(model)
-    if not params or ep_position(model)[1] == 1 or not _writes_experts(model):
+    params = expert_params(model, topo.ep)
+    if not params or topo.ep.size == 1 or not topo.writes_experts:
         return  # without expert parallelism DeepSpeed's module file holds every expert
-    r, ep = ep_position(model)
     _save(
         {k: p for k, (p, *_) in params.items()},
-        {"experts": _expert_meta(model), "ep_size": ep},
-        Path(ckpt) / EXPERTS_FILE.format(r),
+        {"experts": _expert_meta(params), "ep_size": topo.ep.size},
+        Path(ckpt) / EXPERTS_FILE.format(topo.ep.rank),
     )
 
 
@@ -131,15 +112,15 @@ def expert_files(d: Path) -> list[Path]:
     return sorted(Path(d).glob(EXPERTS_FILE.format("*")))
 
 
-def load_local_experts(model: nn.Module, ckpt: Path) -> None:
+def load_local_experts(model: nn.Module, ep: EPPosition, ckpt: Path) -> None:
     """Copy this rank's experts (by global id) from the experts_ep*.safetensors of `ckpt` into the model;
     the files may come from another EP size. No communication."""
-    params = expert_params(model)
+    params = expert_params(model, ep)
     if not params:
         return
     reader = ExpertReader(expert_files(ckpt))
     with torch.no_grad():
-        for name, (p, off, n, E, _) in params.items():
+        for name, (p, off, n, E) in params.items():
             saved = reader.files[0][2]["experts"][name]["num_experts"]
             if saved != E:
                 raise ValueError(f"{name}: the checkpoint has {saved} experts, the model {E}")
@@ -176,7 +157,7 @@ def _adam_step(opt) -> int:
     return 0
 
 
-def save_portable(engine, ckpt: Path) -> None:
+def save_portable(engine, topo: Topology, ckpt: Path) -> None:
     """Every parameter's full fp32 master and Adam moments: dense ones by rank 0, experts by edp_rank 0 of
     each EP position. Collective (the gathers reduce over each parameter's data-parallel group)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -187,7 +168,7 @@ def save_portable(engine, ckpt: Path) -> None:
         _link(opt)
     elif not isinstance(opt, torch.optim.Optimizer):
         raise RuntimeError(f"a portable checkpoint needs an Adam-type optimizer, not {type(opt).__name__}")
-    experts = expert_params(model)
+    experts = expert_params(model, topo.ep)
     dense, local = {}, {}
     for name, p in model.named_parameters():
         out = local if name in experts else dense
@@ -202,12 +183,13 @@ def save_portable(engine, ckpt: Path) -> None:
         )
     meta = {"step": _adam_step(opt)}
     out_dir = Path(ckpt) / PORTABLE_DIR
-    if _rank() == 0:
+    if topo.is_main:
         _save(dense, meta, out_dir / DENSE_FILE)
-    if experts and _writes_experts(model):
-        r, ep = ep_position(model)
+    if experts and topo.writes_experts:
         _save(
-            local, {**meta, "experts": _expert_meta(model), "ep_size": ep}, out_dir / EXPERTS_FILE.format(r)
+            local,
+            {**meta, "experts": _expert_meta(experts), "ep_size": topo.ep.size},
+            out_dir / EXPERTS_FILE.format(topo.ep.rank),
         )
 
 
@@ -215,7 +197,7 @@ def has_portable(ckpt: Path) -> bool:
     return (Path(ckpt) / PORTABLE_DIR / DENSE_FILE).is_file()
 
 
-def load_portable(engine, ckpt: Path) -> int:
+def load_portable(engine, ep: EPPosition, ckpt: Path) -> int:
     """Weights, fp32 masters and Adam moments from the portable state of `ckpt`, on any world size and EP
     size; returns the optimizer step. Call on a fresh engine (before its first step). No communication."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
@@ -225,7 +207,7 @@ def load_portable(engine, ckpt: Path) -> int:
     d = Path(ckpt) / PORTABLE_DIR
     h = safe_open(str(d / DENSE_FILE), framework="pt")
     step = json.loads(h.metadata()["json"])["step"]
-    experts = expert_params(model)
+    experts = expert_params(model, ep)
     reader = ExpertReader(expert_files(d)) if experts else None
     if not _is_zero(opt):  # stage 0 (one rank): the parameters are the fp32 masters, the state is opt's
         _load_plain(opt, model, h, step, experts, reader)
@@ -254,7 +236,7 @@ def _portable_getter(name: str, experts: dict, h, reader):
     of the global experts), everything else straight from the safetensors handle."""
     if name not in experts:
         return h.get_tensor
-    _, off, n, _, _ = experts[name]
+    _, off, n, _ = experts[name]
     return lambda key: reader.get(key, name, off, n)
 
 

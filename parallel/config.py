@@ -1,8 +1,9 @@
-"""How a run is spread over ranks: one plain dataclass, validated at construction.
+"""How a run is spread over ranks and which training techniques it applies: the one ParallelConfig.
 
-`train/` (or its Hydra-side config) builds a `ParallelConfig`; the cross-checks that need the world size
-and the model (EP divides both, ZeRO-3 only without EP) live in `check(world_size, num_experts)` so a bad
-combination fails before any process group or tensor exists.
+The trainer embeds it as its `parallel` group (train/config.py), `python -m parallel.plan` builds one from its
+flags, and `deepspeed_config` (parallel/zero.py) takes its stage, so the three accept the same values.
+`validate()` holds the checks a type cannot express; `check(world_size, num_experts)` the ones that need
+the world and the model.
 """
 
 from __future__ import annotations
@@ -12,83 +13,97 @@ from dataclasses import dataclass
 
 import torch
 
+from jamba.config import CHECKPOINT_CHOICES
+
+# The ZeRO stages a run may ask for: 1 (optimizer states partitioned) or 2 (+ gradients). A single rank runs
+# a plain engine, stage SINGLE_RANK_STAGE (nothing to partition; see parallel/zero.py effective_zero_stage).
+# Stage 3 is not offered: DeepSpeed refuses it with MoE layers and would gather every expert on every rank.
+ZERO_STAGES = (1, 2)
+SINGLE_RANK_STAGE = 0
+# The one precision vocabulary: "bf16" is torch autocast to bf16 (fp32 weights, gradients and optimizer
+# states; A_log, D and the dt bias stay fp32), never a cast of the module; "auto" is bf16 on a GPU that has
+# it, fp32 elsewhere.
 PRECISIONS = ("auto", "bf16", "fp32")
-ZERO_STAGES = (0, 1, 2, 3)
 STATS_SCOPES = ("ep", "world")
+COMPILE_MODES = ("auto", "layers", "none")
 
 
 @dataclass
 class ParallelConfig:
-    # Ranks that hold different experts of each MoE layer (tokens travel between them by all-to-all).
-    expert_parallel_size: int = 1
-    # DeepSpeed ZeRO stage for the optimizer: 0 (replicated), 1 (optimizer states), 2 (+ gradients),
-    # 3 (+ parameters; only with expert_parallel_size == 1).
-    zero_stage: int = 1
-    # "auto": bf16 on a GPU that supports it, fp32 otherwise (CPU tests).
-    precision: str = "auto"
+    zero_stage: int = 1  # DeepSpeed ZeRO over the data-parallel ranks: one of ZERO_STAGES
+    expert_parallel_size: int = 1  # ranks that split each MoE layer's experts (parallel/expert_parallel.py)
+    precision: str = "auto"  # one of PRECISIONS
+    activation_checkpointing: str = "none"  # none | full | mamba | attention | moe
+    # torch.compile each decoder layer: auto = on a GPU only (CPU compiles take minutes for little gain)
+    compile: str = "auto"  # auto | layers | none
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | nccl | gloo
+    timeout_s: int = 600  # a collective waiting longer (e.g. a peer died) raises instead of hanging
     # Over which ranks the router statistics of the load-balancing loss are summed: "ep" (the ranks that
-    # exchange tokens; the issue's choice, free because the all-to-all synchronises them anyway) or
-    # "world" (the whole data-parallel batch; the loss then does not depend on the EP size).
+    # exchange tokens; free, the all-to-all synchronises them anyway) or "world" (the whole data-parallel
+    # batch; the loss then does not depend on the EP size).
     router_stats_scope: str = "ep"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """ValueError naming `parallel.<field>` and the fix."""
+
         def need(cond: bool, fld: str, msg: str) -> None:
             if not cond:
-                raise ValueError(f"ParallelConfig.{fld}: {msg}")
+                raise ValueError(f"parallel.{fld}: {msg}")
 
         ep = self.expert_parallel_size
+        need(
+            self.zero_stage in ZERO_STAGES,
+            "zero_stage",
+            f"must be one of {'|'.join(map(str, ZERO_STAGES))}, got {self.zero_stage!r} (stage 1 costs nothing "
+            "over plain data parallelism; stage 3 is not supported: DeepSpeed refuses it with MoE layers)",
+        )
         need(
             isinstance(ep, int) and not isinstance(ep, bool) and ep >= 1,
             "expert_parallel_size",
             f"must be an int >= 1, got {ep!r}",
         )
-        need(
-            self.zero_stage in ZERO_STAGES,
-            "zero_stage",
-            f"must be one of {ZERO_STAGES}, got {self.zero_stage!r}",
-        )
-        need(
-            self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {self.precision!r}"
-        )
-        need(
-            self.router_stats_scope in STATS_SCOPES,
-            "router_stats_scope",
-            f"must be one of {STATS_SCOPES}, got {self.router_stats_scope!r}",
-        )
-        need(
-            not (self.zero_stage == 3 and ep > 1),
-            "zero_stage",
-            f"ZeRO stage 3 cannot be combined with expert_parallel_size={ep}: DeepSpeed's engine refuses "
-            "ZeRO-3 for MoE layers and stage 3 would gather every expert onto every rank anyway. "
-            "Use zero_stage 1 or 2 with expert parallelism, or expert_parallel_size=1 with stage 3",
-        )
+        for fld, choices in (
+            ("precision", PRECISIONS),
+            ("activation_checkpointing", CHECKPOINT_CHOICES),
+            ("compile", COMPILE_MODES),
+            ("device", ("auto", "cpu", "cuda")),
+            ("backend", ("auto", "nccl", "gloo")),
+            ("router_stats_scope", STATS_SCOPES),
+        ):
+            v = getattr(self, fld)
+            need(v in choices, fld, f"must be one of {'|'.join(choices)}, got {v!r}")
+        need(self.timeout_s > 0, "timeout_s", "must be > 0")
 
     def check(self, world_size: int, num_experts: int | None = None) -> None:
         """Cross-checks against the world and the model; raises ValueError naming the fix."""
-        from .groups import check_expert_parallel
+        from .topology import check_expert_parallel
 
+        self.validate()
         check_expert_parallel(world_size, self.expert_parallel_size, num_experts)
-
-    def resolved_precision(self, device: torch.device | str | None = None) -> str:
-        """'bf16' or 'fp32' for the device the run uses ('auto' decided here)."""
-        if self.precision != "auto":
-            return self.precision
-        dev = (
-            torch.device(device)
-            if device is not None
-            else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        )
-        if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "fp32"
 
     def replace(self, **changes) -> ParallelConfig:
         return dataclasses.replace(self, **changes)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> ParallelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"ParallelConfig: unknown keys {unknown}; known: {sorted(names)}")
-        return cls(**d)
+
+def effective_zero_stage(requested: int, world_size: int) -> int:
+    """The ZeRO stage a run uses: `requested`, except SINGLE_RANK_STAGE (a plain DeepSpeed engine) on a single
+    rank. There is nothing to partition there, and ZeRO's optimizer would keep a second fp32 copy of every
+    weight (4 bytes per parameter: 9.9 GB for `bench`, the difference between 4 x 4096 fitting on an 80 GB GPU
+    or not)."""
+    return requested if world_size > 1 else SINGLE_RANK_STAGE
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """'bf16' or 'fp32' for the device the run uses ('auto' decided here)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"parallel.precision: must be one of {'|'.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    dev = torch.device(device)
+    return "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def matmul_dtype(precision: str) -> torch.dtype:
+    """The dtype matmuls run in under a resolved precision (bf16: autocast)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32

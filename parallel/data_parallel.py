@@ -14,12 +14,13 @@ import torch
 import torch.distributed as dist
 
 from .expert_parallel import is_expert_param
-from .groups import group_for_name
+from .topology import Topology
 
 
 @torch.no_grad()
-def allreduce_gradients(parameters: Iterable[torch.Tensor], dp_group=None) -> None:
+def allreduce_gradients(parameters: Iterable[torch.Tensor], topo: Topology) -> None:
     """Average .grad in place over data parallelism (expert parameters over their EDP group)."""
+    dp_group = topo.dp_group
     world = dist.get_world_size(dp_group)
     for p in parameters:
         if p.grad is None:
@@ -27,7 +28,7 @@ def allreduce_gradients(parameters: Iterable[torch.Tensor], dp_group=None) -> No
                 "allreduce_gradients: a parameter has no .grad; every rank must hold a gradient "
                 "for every parameter (use zeros) or the collectives would mismatch"
             )
-        group = group_for_name(p.group_name).edp_group if is_expert_param(p) else dp_group
+        group = topo.edp_group if is_expert_param(p) else dp_group
         if dist.get_world_size(group) > 1:
             dist.all_reduce(p.grad, group=group)
         p.grad.div_(world)

@@ -21,7 +21,8 @@ from torch import nn
 
 from jamba.moe import SparseMoE
 
-from .groups import ProcessGroups, register_with_deepspeed
+from .expert_parallel import deepspeed_group_name
+from .topology import Topology
 
 _MARKER_CLS = None
 
@@ -38,7 +39,7 @@ def _marker_class():
                 nn.Module.__init__(self)  # not MoE.__init__: no gate, no experts, no parameters
                 self.num_experts, self.ep_size = num_experts, ep_size
                 self.num_local_experts = num_experts // ep_size
-                self.expert_group_name = f"ep_size_{ep_size}"
+                self.expert_group_name = deepspeed_group_name(ep_size)
                 self.enable_expert_tensor_parallelism = False
                 self.use_residual = False
 
@@ -67,20 +68,56 @@ def _marker_class():
     return _MARKER_CLS
 
 
-def prepare_deepspeed_moe(model: nn.Module, groups: ProcessGroups) -> int:
+def register_with_deepspeed(topo: Topology) -> None:
+    """Put our EP/EDP groups into `deepspeed.utils.groups` under DeepSpeed's name `ep_size_<ep>`.
+
+    DeepSpeed's `_create_expert_and_data_parallel` would build the same layout with its own new_group
+    calls; handing it our objects instead guarantees one set of groups. If groups under that name exist
+    already (someone called DeepSpeed first), their ranks must match ours."""
+    from deepspeed.utils import groups as ds_groups
+
+    name, lay = deepspeed_group_name(topo.ep.size), topo.layout
+    for table, ranks_table, group, ranks in (
+        (
+            ds_groups._EXPERT_PARALLEL_GROUP,
+            ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
+            topo.ep_group,
+            lay.ep_group_ranks(topo.rank),
+        ),
+        (
+            ds_groups._EXPERT_DATA_PARALLEL_GROUP,
+            ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+            topo.edp_group,
+            lay.edp_group_ranks(topo.rank),
+        ),
+    ):
+        if name in table:
+            have = list(ranks_table[name])
+            if have != list(ranks):
+                raise RuntimeError(
+                    f"DeepSpeed already has groups named {name} with ranks {have}, ours are "
+                    f"{list(ranks)}: use the default (expert-before-data) DeepSpeed topology"
+                )
+            continue
+        table[name] = group
+        ranks_table[name] = list(ranks)
+
+
+def prepare_deepspeed_moe(model: nn.Module, topo: Topology) -> int:
     """Register our groups with DeepSpeed and tag every SparseMoE for its engine. Call after
     apply_expert_parallel and before deepspeed.initialize, on every rank. Returns the number of layers
     tagged (0 when ep_size == 1: experts are then ordinary data-parallel parameters)."""
-    if groups.ep_size == 1:
+    ep = topo.ep.size
+    if ep == 1:
         return 0
-    register_with_deepspeed(groups)
+    register_with_deepspeed(topo)
     cls = _marker_class()
     n = 0
     for name, m in model.named_modules():
         if isinstance(m, SparseMoE):
-            if getattr(m.experts, "ep_size", 1) != groups.ep_size:
-                raise RuntimeError(f"{name}: call apply_expert_parallel(model, {groups.ep_size}) first")
+            if m.experts.num_experts * ep != m.num_experts:
+                raise RuntimeError(f"{name}: call apply_expert_parallel(model, topology) first")
             if not hasattr(m, "ds_moe_marker"):
-                m.ds_moe_marker = cls(m.num_experts, groups.ep_size)
+                m.ds_moe_marker = cls(m.num_experts, ep)
             n += 1
     return n

@@ -17,7 +17,8 @@ which for one stats group (ep == world, or scope "world") is exactly the single-
 concatenated batch (equal token counts per rank).
 
 Expert parameters are tagged the way DeepSpeed recognises them: `p.allreduce = False`,
-`p.group_name = "ep_size_<P>"` (see `deepspeed.moe.utils.is_moe_param`).
+`p.group_name = "ep_size_<P>"` (see `deepspeed.moe.utils.is_moe_param`). That name is DeepSpeed's key, written
+for it and never read back here: our code takes the EP position and groups from the `Topology`.
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ from jamba.experts import Experts
 from jamba.moe import SparseMoE
 
 from .collectives import all_gather_cat, all_reduce_sum, all_to_all
-from .groups import ProcessGroups, init_process_groups
+from .topology import EPPosition, Topology
 
 EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj")
+
+
+def deepspeed_group_name(ep_size: int) -> str:
+    """DeepSpeed's name for the groups of this EP size (the key of its group tables and `p.group_name`)."""
+    return f"ep_size_{ep_size}"
 
 
 class AllToAllDispatcher:
@@ -114,44 +120,35 @@ def moe_layers(model: nn.Module) -> list[tuple[str, SparseMoE]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseMoE)]
 
 
-def apply_expert_parallel(
-    model: nn.Module, ep_size: int, groups: ProcessGroups | None = None, stats_scope: str = "ep"
-) -> None:
-    """Shard every SparseMoE of `model` over the EP group, in place. Every rank must call it.
+def apply_expert_parallel(model: nn.Module, topo: Topology, stats_scope: str = "ep") -> None:
+    """Shard every SparseMoE of `model` over the EP group of `topo`, in place. Every rank must call it.
 
     Expert weights may be real (each rank keeps its slice; the rest is freed) or on the meta device
     (then materialise and initialise after). `stats_scope`: "ep" or "world" (see ParallelConfig)."""
-    layers = moe_layers(model)
-    if groups is None:
-        groups = init_process_groups(ep_size, layers[0][1].num_experts if layers else None)
-    if groups.ep_size != ep_size:
-        raise ValueError(f"apply_expert_parallel: groups are for ep_size={groups.ep_size}, asked {ep_size}")
     if stats_scope not in ("ep", "world"):
         raise ValueError(f"stats_scope must be 'ep' or 'world', got {stats_scope!r}")
-    stats_group = groups.ep_group if stats_scope == "ep" else groups.dp_group
-    for name, moe in layers:
+    ep = topo.ep
+    stats_group = topo.ep_group if stats_scope == "ep" else topo.dp_group
+    for name, moe in moe_layers(model):
         experts = moe.experts
-        if hasattr(experts, "ep_size"):
-            raise RuntimeError(f"{name}: expert parallelism is applied already (ep_size={experts.ep_size})")
         E = moe.num_experts
-        if E % ep_size:
-            raise ValueError(f"{name}: num_experts={E} is not divisible by expert_parallel_size={ep_size}")
-        El = E // ep_size
-        start = groups.ep_rank * El
-        if ep_size > 1:
+        if experts.num_experts != E:
+            raise RuntimeError(
+                f"{name}: expert parallelism is applied already ({experts.num_experts} of {E})"
+            )
+        if E % ep.size:
+            raise ValueError(f"{name}: num_experts={E} is not divisible by expert_parallel_size={ep.size}")
+        if ep.size > 1:
+            start, El = ep.offset(E), ep.num_local(E)
             for pname in EXPERT_PARAM_NAMES:
                 old = getattr(experts, pname)
                 new = nn.Parameter(old.detach()[start : start + El].clone(), requires_grad=old.requires_grad)
+                new.allreduce = False  # DeepSpeed: an expert parameter, reduced over its EDP group only
+                new.group_name = deepspeed_group_name(ep.size)
                 setattr(experts, pname, new)
             experts.num_experts = El
-            moe.dispatcher = AllToAllDispatcher(groups.ep_group, ep_size, E)
-        experts.ep_size, experts.expert_offset, experts.num_global_experts = ep_size, start, E
-        if ep_size > 1:  # with ep 1 experts are plain data-parallel parameters, nothing to tag
-            for pname in EXPERT_PARAM_NAMES:
-                p = getattr(experts, pname)
-                p.allreduce = False  # DeepSpeed: an expert parameter, reduced over its EDP group only
-                p.group_name = groups.group_name
-        if ep_size > 1 or stats_scope == "world":
+            moe.dispatcher = AllToAllDispatcher(topo.ep_group, ep.size, E)
+        if ep.size > 1 or stats_scope == "world":
             moe.reduce_stats = StatsReducer(stats_group)
 
 
@@ -166,42 +163,44 @@ def _expert_modules(model: nn.Module) -> dict[str, Experts]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Experts)}
 
 
-def gather_full_state_dict(model: nn.Module, groups: ProcessGroups) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor]:
     """The unsharded state dict (every expert), on every rank: expert tensors are all-gathered over the EP
     group. Collective: every rank calls it. For export and checkpoint consolidation."""
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    if groups.ep_size == 1:
+    if topo.ep.size == 1:
         return sd
     for mname, ex in _expert_modules(model).items():
         for pname in EXPERT_PARAM_NAMES:
             key = f"{mname}.{pname}" if mname else pname
-            sd[key] = all_gather_cat(getattr(ex, pname).detach(), groups.ep_group)
+            sd[key] = all_gather_cat(getattr(ex, pname).detach(), topo.ep_group)
     return sd
 
 
-def gather_expert_grads(model: nn.Module, groups: ProcessGroups) -> dict[str, torch.Tensor]:
+def gather_expert_grads(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor]:
     """Full-size gradients of the expert parameters (zeros where .grad is None), all-gathered over EP."""
     out = {}
     for mname, ex in _expert_modules(model).items():
         for pname in EXPERT_PARAM_NAMES:
             p = getattr(ex, pname)
             g = p.grad if p.grad is not None else torch.zeros_like(p)
-            out[f"{mname}.{pname}"] = all_gather_cat(g.detach(), groups.ep_group) if groups.ep_size > 1 else g
+            out[f"{mname}.{pname}"] = all_gather_cat(g.detach(), topo.ep_group) if topo.ep.size > 1 else g
     return out
 
 
-def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True):
-    """Load an unsharded state dict into a (possibly) expert-sharded model: each rank copies its slice of
-    every expert tensor. No communication."""
+def load_full_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], ep: EPPosition, strict: bool = True
+):
+    """Load an unsharded state dict into a (possibly) expert-sharded model: each rank copies its slice
+    (`ep`) of every expert tensor. No communication."""
     sd = dict(state_dict)
     for mname, ex in _expert_modules(model).items():
-        off, El = getattr(ex, "expert_offset", 0), ex.num_experts
         for pname in EXPERT_PARAM_NAMES:
             key = f"{mname}.{pname}" if mname else pname
             if key in sd:
                 full = sd[key]
-                want = getattr(ex, "num_global_experts", El)
-                if full.shape[0] != want:
-                    raise ValueError(f"{key}: state dict has {full.shape[0]} experts, the model {want}")
-                sd[key] = full[off : off + El]
+                if full.shape[0] != ex.num_experts * ep.size:
+                    raise ValueError(
+                        f"{key}: state dict has {full.shape[0]} experts, the model {ex.num_experts * ep.size}"
+                    )
+                sd[key] = full[ep.experts(full.shape[0]).start : ep.experts(full.shape[0]).stop]
     return model.load_state_dict(sd, strict=strict)

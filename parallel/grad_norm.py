@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from .expert_parallel import is_expert_param
-from .groups import group_for_name
 
 
 def _params(parameters) -> list[torch.Tensor]:
@@ -33,15 +32,14 @@ def global_grad_norm(
 ) -> torch.Tensor:
     """Norm of the whole model's (already data-parallel-reduced) gradient, the same on every rank.
 
-    Expert parameters are those tagged by `apply_expert_parallel` (`p.allreduce is False`); their EP group
-    is `ep_group` or looked up from `p.group_name`. Collective over the EP group(s) when there are experts."""
+    Expert parameters are those tagged by `apply_expert_parallel` (`p.allreduce is False`); `ep_group` is
+    their EP group (the Topology's). Collective over the EP group when there are experts."""
     params = _params(parameters)
     norm_type = float(norm_type)
     dense = [p.grad.detach() for p in params if not is_expert_param(p)]
-    experts: dict[str, list[torch.Tensor]] = {}
-    for p in params:
-        if is_expert_param(p):
-            experts.setdefault(p.group_name, []).append(p.grad.detach())
+    experts = [p.grad.detach() for p in params if is_expert_param(p)]
+    if experts and ep_group is None:
+        raise ValueError("global_grad_norm: expert parameters need their ep_group (Topology.ep_group)")
     device = params[0].grad.device if params else torch.device("cpu")
 
     def part(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -52,12 +50,11 @@ def global_grad_norm(
         return torch.stack([g.double().norm(norm_type) ** norm_type for g in grads]).sum()
 
     total = part(dense)
-    for name, grads in sorted(experts.items()):
-        local = part(grads)
-        group = ep_group if ep_group is not None else group_for_name(name).ep_group
-        if group is not None and dist.get_world_size(group) > 1:
+    if experts:
+        local = part(experts)
+        if dist.get_world_size(ep_group) > 1:
             dist.all_reduce(
-                local, op=dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM, group=group
+                local, op=dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM, group=ep_group
             )
         total = torch.maximum(total, local) if math.isinf(norm_type) else total + local
     norm = total if math.isinf(norm_type) else total ** (1.0 / norm_type)

@@ -2,16 +2,16 @@
 
 Notation: Pd dense parameters, Pe expert parameters (all experts of all layers), N ranks, EP size ep,
 EDP = N / ep ranks share each expert shard. Each rank holds Pd + Pe/ep parameters ("local").
-Bytes per parameter, by precision mode:
-    "autocast" (what train/ uses: fp32 weights, torch autocast to bf16 for the matmuls): weights 4, grads 4;
-    "bf16" (DeepSpeed's bf16 mode: the module cast to bf16): weights 2, grads 2;
+Bytes per parameter, by precision (parallel/config.py PRECISIONS, the trainer's; "auto" plans as bf16):
+    "bf16" (torch autocast: fp32 weights, bf16 matmuls): weights 4, grads 4, bf16 activations; autograd
+    also keeps the bf16 copies of the weights it saves for backward: 2 per parameter (not counted under
+    full activation checkpointing: see estimate_memory);
     "fp32": weights 4, grads 4, fp32 activations.
     optimizer: 12 = fp32 master copy + exp_avg + exp_avg_sq (ZeRO-1/2 clone an fp32 master partition even
-    when the weights are fp32 already); 8 with stage 0 and fp32 weights (they are the masters: what train/
-    runs on a single rank); "autocast" also keeps the bf16 copies of the weights that autograd saves for
-    backward: 2 per parameter (not counted under full activation checkpointing: see estimate_memory).
+    when the weights are fp32 already); 8 with stage 0 (they are the masters: what train/ runs on a single
+    rank).
 ZeRO partitions over the ranks that hold the same tensor: dense over N, experts over EDP.
-    stage 0: nothing partitioned;  1: optimizer states;  2: + gradients;  3: + weights (only with ep == 1).
+    stage 0 (one rank): nothing partitioned;  1: optimizer states;  2: + gradients.
 Communication buckets (ZeRO 1/2): reduce bucket + all-gather bucket of `bucket_elems` each (train/zero.py
 uses 2e8), in the gradient dtype.
 
@@ -27,7 +27,7 @@ causal-conv1d, grouped GEMM); d = mamba_expand * h, F = intermediate size, k = t
                                  product, output); a rank receiving more than its share needs more (dropless)
 A layer under activation checkpointing keeps only its input (h); the backward of one checkpointed layer
 recomputes it, so the largest checkpointed layer is added once more. The chunked cross-entropy adds
-loss_chunk_size * vocab * 8 bytes (fp32 logits and their gradient) transiently.
+runtime.loss_chunk_size * vocab * 8 bytes (fp32 logits and their gradient) transiently.
 """
 
 from __future__ import annotations
@@ -39,16 +39,19 @@ import torch
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.experts import Experts
 from jamba.layers import FEED_FORWARDS, MIXERS, checkpointed
+from jamba.runtime import Runtime
+
+from .config import PRECISIONS
 
 GiB = 1024**3
-PRECISIONS = ("autocast", "bf16", "fp32")
+LOSS_CHUNK = Runtime().loss_chunk_size
 
 
 def precision_bytes(precision: str) -> tuple[int, int]:
     """(bytes per weight or gradient, bytes per activation element)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return (2 if precision == "bf16" else 4), (4 if precision == "fp32" else 2)
+        raise ValueError(f"precision must be one of {'|'.join(PRECISIONS)}, got {precision!r}")
+    return 4, (4 if precision == "fp32" else 2)
 
 
 @dataclass
@@ -89,7 +92,9 @@ def layer_activation_units(cfg: JambaConfig) -> list[float]:
     ]
 
 
-def activation_bytes(cfg: JambaConfig, micro_batch: int, seq_len: int, mode: str, act_bytes: int) -> float:
+def activation_bytes(
+    cfg: JambaConfig, micro_batch: int, seq_len: int, mode: str, act_bytes: int, loss_chunk: int = LOSS_CHUNK
+) -> float:
     tokens = micro_batch * seq_len
     units = layer_activation_units(cfg)
     kept, peak = 0.0, 0.0
@@ -100,7 +105,7 @@ def activation_bytes(cfg: JambaConfig, micro_batch: int, seq_len: int, mode: str
         else:
             kept += u
     per_token = (kept + peak) * cfg.hidden_size * act_bytes
-    loss = min(tokens, cfg.loss_chunk_size) * cfg.vocab_size * 8
+    loss = min(tokens, loss_chunk) * cfg.vocab_size * 8
     return tokens * per_token + loss
 
 
@@ -137,7 +142,7 @@ def estimate_memory(
     micro_batch: int,
     seq_len: int,
     act_ckpt: str = "none",
-    precision: str = "autocast",
+    precision: str = "bf16",
     bucket_elems: float = 2e8,
 ) -> MemoryEstimate:
     edp = world_size // ep
@@ -148,9 +153,9 @@ def estimate_memory(
     def maybe(partitioned: bool) -> float:
         return (dense_shard + expert_shard) if partitioned else (local_dense + local_expert)
 
-    weights = pb * maybe(zero >= 3)
+    weights = pb * maybe(False)  # ZeRO-3 (partitioned weights) is not offered: parallel/config.py
     grads = pb * maybe(zero >= 2)
-    optimizer = (8 if zero == 0 and precision != "bf16" else 12) * maybe(zero >= 1)
+    optimizer = (8 if zero == 0 else 12) * maybe(zero >= 1)
     buckets = 2 * bucket_elems * pb if zero in (1, 2) else 0.0
     act = activation_bytes(cfg, micro_batch, seq_len, act_ckpt, ab)
     return MemoryEstimate(
@@ -167,5 +172,5 @@ def estimate_memory(
         expert_shard,
         # under full checkpointing the copies made in the forward are dropped with the autocast cache before
         # backward, and backward re-casts one layer at a time (measured: bench 4x4096 fits in 39 GiB)
-        2 * maybe(zero >= 3) if precision == "autocast" and act_ckpt != "full" else 0.0,
+        2 * maybe(False) if precision != "fp32" and act_ckpt != "full" else 0.0,
     )

@@ -1,7 +1,7 @@
 """The DeepSpeed side of a run: its config dict (ZeRO stage, precision, clipping, batch) and the optimizer's
 parameter groups (weight decay split, and DeepSpeed's MoE groups for expert-parallel parameters).
 
-Precision "bf16" is DeepSpeed's `torch_autocast`, not its `bf16` mode: the latter casts the whole module to
+Precision "bf16" (parallel/config.py PRECISIONS) is DeepSpeed's `torch_autocast`, not its `bf16` mode: the latter casts the whole module to
 bf16, including A_log, D and the dt bias that Mamba needs in fp32 (bf16 instability; see jamba/mamba.py).
 With autocast the weights, gradients of non-Linear parameters and optimizer states stay fp32 and the
 matmuls run in bf16.
@@ -11,19 +11,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from .config import SINGLE_RANK_STAGE, ZERO_STAGES
+
 # Plain data classes inside DeepSpeed's ZeRO optimizer files; allow-listed for torch.load(weights_only=True).
 SAFE_GLOBALS = (
     "deepspeed.utils.tensor_fragment.fragment_address",
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.zero.config.ZeroStageEnum",
 )
-
-
-def effective_zero_stage(requested: int, world_size: int) -> int:
-    """The ZeRO stage a run uses: `requested`, except 0 (a plain DeepSpeed engine) on a single rank. There is
-    nothing to partition there, and ZeRO's optimizer would keep a second fp32 copy of every weight (4 bytes per
-    parameter: 9.9 GB for `bench`, the difference between 4 x 4096 fitting on an 80 GB GPU or not)."""
-    return requested if world_size > 1 else 0
 
 
 def skip_single_rank_allreduce(engine, world_size: int) -> None:
@@ -44,9 +39,9 @@ def deepspeed_config(
     on_gpu: bool,
 ) -> dict:
     """The `config` of `deepspeed.initialize` for a client optimizer (we pass our own AdamW)."""
-    if zero_stage not in (0, 1, 2):
-        raise ValueError(f"zero_stage must be 0, 1 or 2, got {zero_stage}")
-    if precision not in ("fp32", "bf16"):
+    if zero_stage not in (SINGLE_RANK_STAGE, *ZERO_STAGES):  # after effective_zero_stage
+        raise ValueError(f"zero_stage must be one of {(SINGLE_RANK_STAGE, *ZERO_STAGES)}, got {zero_stage}")
+    if precision not in ("fp32", "bf16"):  # resolved (parallel.config.resolve_precision): no "auto" here
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     cfg: dict = {
         "train_micro_batch_size_per_gpu": micro_batch_size,

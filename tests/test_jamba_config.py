@@ -21,7 +21,6 @@ def test_defaults_match_transformers_layout():
         (dict(num_key_value_heads=5), "num_key_value_heads"),
         (dict(num_experts_per_tok=17), "num_experts_per_tok"),
         (dict(hidden_size=0), "hidden_size"),
-        (dict(activation_checkpointing="sometimes"), "activation_checkpointing"),
         (dict(layer_pattern="MMX"), "layer_pattern"),
         (dict(layer_pattern="MM"), "layer_pattern"),
         (dict(mamba_dt_rank=-1), "mamba_dt_rank"),
@@ -100,3 +99,19 @@ def test_pattern_alphabet_comes_from_the_registry():
     assert parse_pattern("S*E") == [("S", False), ("*", True)]
     assert pattern_from_periods(4, 4, 2, 2, 1, mixer="S") == "SSE*SE"
     assert periods_from_pattern("SS*S") is None  # transformers' periods cannot place Mamba-2
+
+
+def test_old_model_config_with_runtime_keys_loads(caplog):
+    # model_config.json files written before the runtime settings left JambaConfig still load; the keys are
+    # dropped with a note, the weights' fields kept
+    old = {
+        **JambaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2).to_dict(),
+        "activation_checkpointing": "full",
+    }
+    old.update(use_kernels=False, scan_backend="torch", loss_chunk_size=7, ff_chunk_size=3)
+    with caplog.at_level("INFO", logger="jamba.config"):
+        cfg = JambaConfig.from_dict(old)
+    assert cfg.hidden_size == 64 and not hasattr(cfg, "loss_chunk_size")
+    assert "ignoring activation_checkpointing" in caplog.text
+    with pytest.raises(ValueError, match="unknown keys"):
+        JambaConfig.from_dict({**old, "nonsense": 1})

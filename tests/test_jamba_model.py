@@ -5,6 +5,8 @@ from tiny import tiny_config
 from jamba import JambaConfig, JambaForCausalLM, get_preset
 from jamba.experts import experts_ref
 from jamba.moe import SparseMoE
+from jamba.runtime import Runtime
+from parallel.apply import set_activation_checkpointing
 
 
 def tiny(**kw) -> JambaConfig:
@@ -27,8 +29,7 @@ def test_forward_backward_shapes_and_stats(seed):
 
 
 def test_chunked_loss_equals_full_logits_loss(seed):
-    cfg = tiny(loss_chunk_size=7)
-    m = JambaForCausalLM(cfg, seed=0)
+    m = JambaForCausalLM(tiny(), seed=0, runtime=Runtime(loss_chunk_size=7))
     x = torch.randint(0, 97, (2, 33))
     labels = x[:, 1:].clone()
     labels[0, :5] = -100
@@ -43,7 +44,8 @@ def test_activation_checkpointing_gives_same_grads(seed, mode):
     x = torch.randint(0, 97, (2, 17))
     grads = []
     for ckpt in ("none", mode):
-        m = JambaForCausalLM(tiny(activation_checkpointing=ckpt), seed=0)
+        m = JambaForCausalLM(tiny(), seed=0)
+        set_activation_checkpointing(m, ckpt)
         m(x[:, :-1], labels=x[:, 1:]).loss.backward()
         grads.append({n: p.grad for n, p in m.named_parameters()})
     for n in grads[0]:

@@ -141,16 +141,18 @@ def test_triton_scan_bwd_fake_matches_real(tiling, save_y):
 
 def test_triton_scan_mixer_compiles_fullgraph(tiling):
     # the op is traced, not a graph break: a whole Mamba mixer compiles with fullgraph=True and equals eager
+    from jamba import JambaForCausalLM
     from jamba.config import JambaConfig
-    from jamba.mamba import MambaMixer
+    from jamba.runtime import Runtime
 
     tiling(BD=4, T_fwd=4, T=4, K=8)
     torch.manual_seed(0)
     cfg = JambaConfig(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, num_experts=1, mamba_d_state=4, scan_backend="triton",
+        num_key_value_heads=1, num_experts=1, mamba_d_state=4, layer_pattern="M",
     )  # fmt: skip
-    mixer = MambaMixer(cfg).to(DEV)
+    model = JambaForCausalLM(cfg, runtime=Runtime(scan_backend="triton"), device_type=DEV)
+    mixer = model.model.layers[0].mamba.to(DEV)
     assert mixer.scan_backend == "triton"
     x = torch.randn(2, 9, 16, device=DEV, requires_grad=True)
     eager = mixer(x)
@@ -169,10 +171,10 @@ def test_scan_backend_choice():
         resolve_scan_backend("mamba_ssm", "cpu")
     with pytest.raises(ValueError, match="unknown scan backend"):
         resolve_scan_backend("cuda", "cpu")
-    from jamba.config import JambaConfig
+    from jamba.runtime import Runtime
 
-    with pytest.raises(ValueError, match="JambaConfig.scan_backend"):
-        JambaConfig(scan_backend="fast")
+    with pytest.raises(ValueError, match="runtime.scan_backend"):
+        Runtime(scan_backend="fast").validate()
 
 
 def test_deterministic_algorithms_avoid_the_kernels_that_sum_with_atomics(monkeypatch):

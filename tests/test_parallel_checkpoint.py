@@ -24,7 +24,7 @@ from test_parallel_ep import batch, tiny_cfg
 
 from jamba import JambaForCausalLM
 from parallel.expert_parallel import apply_expert_parallel, gather_full_state_dict
-from parallel.groups import init_process_groups
+from parallel.topology import make_topology
 from parallel.zero import optimizer_param_groups
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -38,9 +38,9 @@ def build(ep: int, gas: int, seed: int, stats_scope: str = "ep"):
     from parallel.deepspeed_moe import prepare_deepspeed_moe
 
     cfg = tiny_cfg()
-    groups = init_process_groups(ep, cfg.num_experts)
+    groups = make_topology(ep)
     model = JambaForCausalLM(cfg, seed=seed)
-    apply_expert_parallel(model, ep, groups, stats_scope)
+    apply_expert_parallel(model, groups, stats_scope)
     prepare_deepspeed_moe(model, groups)
     opt = torch.optim.AdamW(optimizer_param_groups(model, 0.1), lr=LR)
     config = {
@@ -70,13 +70,11 @@ def step(engine, s: int, gas: int) -> float:
     return total.item() / (world * gas)
 
 
-def checkpointer(root: Path, portable: bool):
+def checkpointer(root: Path, portable: bool, topo):
     from train.checkpoint import Checkpointer
     from train.config import CheckpointConfig
-    from train.distributed import Dist
 
-    d = Dist(dist.get_rank(), dist.get_world_size(), dist.get_rank(), torch.device("cpu"))
-    return Checkpointer(CheckpointConfig(dir=str(root), portable=portable), d)
+    return Checkpointer(CheckpointConfig(dir=str(root), portable=portable), topo)
 
 
 def state(step_: int, ep: int) -> dict:
@@ -93,13 +91,13 @@ def run_four(tmp: str) -> None:
     engine, groups = build(EP, 1, seed=0)
     for s in range(1, SAVE_AT + 1):
         step(engine, s, 1)
-    ck = checkpointer(tmp / "portable", portable=True)
+    ck = checkpointer(tmp / "portable", True, groups)
     w = gather_full_state_dict(engine.module, groups)
     path = ck.save(engine, SAVE_AT, state(SAVE_AT, EP), w if dist.get_rank() == 0 else None)
     want = [step(engine, s, 1) for s in range(SAVE_AT + 1, SAVE_AT + MORE + 1)]
     # a checkpoint without portable state, for the 2-rank test's error path
     w = gather_full_state_dict(engine.module, groups)
-    checkpointer(tmp / "plain", portable=False).save(
+    checkpointer(tmp / "plain", False, groups).save(
         engine, SAVE_AT + MORE, state(SAVE_AT + MORE, EP), w if dist.get_rank() == 0 else None
     )
     # the loss of the step after it (computed before its update: a function of the weights and the batch)
@@ -125,25 +123,25 @@ def run_two(tmp: str) -> None:
     tmp = Path(tmp)
     saved = json.loads((tmp / "want.json").read_text())
     want = saved["want"]
-    engine, _ = build(EP, 2, seed=1)
+    engine, topo = build(EP, 2, seed=1)
     plain = tmp / "plain" / f"step_{SAVE_AT + MORE:08d}"
     with pytest.raises(CheckpointError, match="without a portable optimizer state"):
-        checkpointer(tmp / "plain", False).load(engine, plain)
+        checkpointer(tmp / "plain", False, topo).load(engine, plain)
     # (e) 4 ranks -> 2 ranks with the optimizer states, from the portable state
-    ck = checkpointer(tmp / "portable", portable=True)
+    ck = checkpointer(tmp / "portable", True, topo)
     ck.load(engine, tmp / "portable" / f"step_{SAVE_AT:08d}")
     got = [step(engine, s, 2) for s in range(SAVE_AT + 1, SAVE_AT + MORE + 1)]
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-5, (got, want)
     # ... and on 2 ranks without expert parallelism (every rank all 4 experts, read from both EP files);
     # router statistics over the world = over the same tokens as the EP groups of 2 before
-    engine3, _ = build(1, 2, seed=3, stats_scope="world")
-    ck.load(engine3, tmp / "portable" / f"step_{SAVE_AT:08d}")
+    engine3, topo3 = build(1, 2, seed=3, stats_scope="world")
+    checkpointer(tmp / "portable", True, topo3).load(engine3, tmp / "portable" / f"step_{SAVE_AT:08d}")
     got = [step(engine3, s, 2) for s in range(SAVE_AT + 1, SAVE_AT + MORE + 1)]
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-5, (got, want)
     # weights only (fresh moments) from a checkpoint without portable state, each rank slicing its experts
     # out of the consolidated file: the next loss is the 4-rank run's
-    engine2, _ = build(EP, 2, seed=2)
-    checkpointer(tmp / "plain", False).load(engine2, plain, optimizer=False)
+    engine2, topo2 = build(EP, 2, seed=2)
+    checkpointer(tmp / "plain", False, topo2).load(engine2, plain, optimizer=False)
     got = step(engine2, SAVE_AT + MORE + 1, 2)
     assert abs(got - saved["after_plain"]) <= 1e-5, (got, saved["after_plain"])
 

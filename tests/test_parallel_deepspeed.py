@@ -17,7 +17,7 @@ from test_parallel_ep import batch, tiny_cfg
 
 from jamba import JambaForCausalLM
 from parallel.expert_parallel import apply_expert_parallel, gather_full_state_dict
-from parallel.groups import init_process_groups
+from parallel.topology import make_topology
 from parallel.zero import optimizer_param_groups, skip_single_rank_allreduce
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before the import: DeepSpeed picks its accelerator then
@@ -48,9 +48,9 @@ def check_zero(stage: int, ep: int) -> None:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = tiny_cfg()
-    groups = init_process_groups(ep, cfg.num_experts)
+    groups = make_topology(ep)
     model = JambaForCausalLM(cfg, seed=0)
-    apply_expert_parallel(model, ep, groups)
+    apply_expert_parallel(model, groups)
     assert prepare_deepspeed_moe(model, groups) == 2
     params = optimizer_param_groups(model, 0.1)
     moe_ids = {id(p) for g in params if g.get("moe") for p in g["params"]}

@@ -16,8 +16,10 @@ from dist_utils import run_distributed
 from tiny import tiny_config
 
 from jamba import JambaConfig, JambaForCausalLM
-from jamba.experts import Experts
+from jamba.experts import Experts, experts_backend_problem
 from jamba.moe import local_dispatch
+from jamba.runtime import Runtime
+from parallel.apply import set_activation_checkpointing
 from parallel.data_parallel import allreduce_gradients
 from parallel.expert_parallel import (
     AllToAllDispatcher,
@@ -28,9 +30,12 @@ from parallel.expert_parallel import (
     load_full_state_dict,
 )
 from parallel.grad_norm import clip_grad_norm_, global_grad_norm
-from parallel.groups import init_process_groups
+from parallel.topology import GroupLayout, make_topology
 
 pytestmark = pytest.mark.distributed
+CPU_BACKENDS = [
+    b for b in ("grouped_mm",) if experts_backend_problem(b, "cpu", torch.float32, 32, 48) is None
+]
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -38,10 +43,9 @@ def tiny_cfg(**kw) -> JambaConfig:
     """The tiny model with attention and MoE in the last layer, larger router losses, the reference kernels."""
     base = dict(
         layer_pattern="M ME * *E",
-        scan_chunk_size=8,
+        mamba_d_state=8,
         router_aux_loss_coef=0.05,
         router_z_loss_coef=0.01,
-        use_kernels=False,
     )
     return tiny_config(**{**base, **kw})
 
@@ -52,9 +56,12 @@ def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, :-1], x[:, 1:]
 
 
+RT = Runtime(use_kernels=False, scan_chunk_size=8)
+
+
 def reference(cfg: JambaConfig, stat_groups: list[list[int]]) -> dict:
-    """Single process: mean over stats groups of the loss on each group's concatenated batch."""
-    model = JambaForCausalLM(cfg, seed=0)
+    """Single process (loop experts): mean over stats groups of the loss on each group's concatenated batch."""
+    model = JambaForCausalLM(cfg, seed=0, runtime=RT)
     losses, auxes = [], []
     for ranks in stat_groups:
         x = torch.cat([batch(r)[0] for r in ranks])
@@ -68,15 +75,19 @@ def reference(cfg: JambaConfig, stat_groups: list[list[int]]) -> dict:
     return dict(loss=torch.stack(losses).mean(), aux=auxes, grads=grads, norm=norm)
 
 
-def check_ep(ep: int, scope: str = "ep", ckpt: str = "none", compile: bool = False) -> None:
+def check_ep(
+    ep: int, scope: str = "ep", ckpt: str = "none", compile: bool = False, experts: str = "loop"
+) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = tiny_cfg(activation_checkpointing=ckpt)
-    groups = init_process_groups(ep, cfg.num_experts)
+    cfg = tiny_cfg()
+    groups = make_topology(ep)
     stat_groups = groups.layout.all_ep_groups() if scope == "ep" else [list(range(world))]
     ref = reference(cfg, stat_groups)
 
-    model = JambaForCausalLM(cfg, seed=0)
-    apply_expert_parallel(model, ep, groups, stats_scope=scope)
+    model = JambaForCausalLM(cfg, seed=0, runtime=RT.replace(experts_backend=experts), device_type="cpu")
+    assert model.backends.experts == experts
+    apply_expert_parallel(model, groups, stats_scope=scope)
+    set_activation_checkpointing(model, ckpt)
     if compile:  # the trainer compiles on GPU after expert parallelism: dynamo must trace the dispatcher
         torch._dynamo.reset()
         model.compile_layers(backend="aot_eager")
@@ -85,7 +96,7 @@ def check_ep(ep: int, scope: str = "ep", ckpt: str = "none", compile: bool = Fal
     x, y = batch(rank)
     out = model(x, labels=y)
     out.loss.backward()
-    allreduce_gradients(model.parameters())
+    allreduce_gradients(model.parameters(), groups)
 
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
@@ -101,9 +112,9 @@ def check_ep(ep: int, scope: str = "ep", ckpt: str = "none", compile: bool = Fal
         )
 
     # 5(c): the norm counts each expert once and agrees on every rank; clipping by it matches too.
-    norm = global_grad_norm(model.parameters())
+    norm = global_grad_norm(model.parameters(), ep_group=groups.ep_group)
     torch.testing.assert_close(norm, ref["norm"], **TOL)
-    clip_grad_norm_(model.parameters(), max_norm=0.5 * ref["norm"].item())
+    clip_grad_norm_(model.parameters(), max_norm=0.5 * ref["norm"].item(), ep_group=groups.ep_group)
     expert_grads = gather_expert_grads(model, groups)
     for n, p in model.named_parameters():
         got = expert_grads[n] if is_expert_param(p) else p.grad
@@ -111,12 +122,12 @@ def check_ep(ep: int, scope: str = "ep", ckpt: str = "none", compile: bool = Fal
 
     # The full weights gathered from the shards are the unsharded model's, and load back into shards.
     full = gather_full_state_dict(model, groups)
-    want = JambaForCausalLM(cfg, seed=0).state_dict()
+    want = JambaForCausalLM(cfg, seed=0, runtime=RT).state_dict()
     for k in want:
         torch.testing.assert_close(full[k], want[k], rtol=0, atol=0)
-    fresh = JambaForCausalLM(cfg, seed=1)
-    apply_expert_parallel(fresh, ep, groups, stats_scope=scope)
-    load_full_state_dict(fresh, full)
+    fresh = JambaForCausalLM(cfg, seed=1, runtime=RT)
+    apply_expert_parallel(fresh, groups, stats_scope=scope)
+    load_full_state_dict(fresh, full, groups.ep)
     for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
 
@@ -139,35 +150,35 @@ def _dispatch_case(
 def _dispatch_compare(groups, x_full, idx_full, w_full, rows, tol) -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)
-    full = Experts(4, 8, 16, use_kernels=False)
+    full = Experts(4, 8, 16)
     torch.nn.init.normal_(full.gate_up_proj, std=0.3)
     torch.nn.init.normal_(full.down_proj, std=0.3)
     xf = x_full.clone().requires_grad_()
     y_ref = local_dispatch(xf, idx_full, w_full, full)
     y_ref.pow(2).sum().backward()
 
-    El = 4 // groups.ep_size
-    mine = Experts(El, 8, 16, use_kernels=False)
-    sl = slice(groups.ep_rank * El, (groups.ep_rank + 1) * El)
+    El = groups.ep.num_local(4)
+    mine = Experts(El, 8, 16)
+    sl = slice(groups.ep.offset(4), groups.ep.offset(4) + El)
     with torch.no_grad():
         mine.gate_up_proj.copy_(full.gate_up_proj[sl])
         mine.down_proj.copy_(full.down_proj[sl])
     lo, hi = sum(rows[:rank]), sum(rows[: rank + 1])
     xl = x_full[lo:hi].clone().requires_grad_()
-    y = AllToAllDispatcher(groups.ep_group, groups.ep_size, 4)(xl, idx_full[lo:hi], w_full[lo:hi], mine)
+    y = AllToAllDispatcher(groups.ep_group, groups.ep.size, 4)(xl, idx_full[lo:hi], w_full[lo:hi], mine)
     y.pow(2).sum().backward()
     torch.testing.assert_close(y, y_ref[lo:hi], **tol)
     torch.testing.assert_close(xl.grad, xf.grad[lo:hi], **tol)
     for name in ("gate_up_proj", "down_proj"):
         g = getattr(mine, name).grad
         assert g is not None, f"{name}.grad is None on rank {rank}"
-        gathered = [torch.empty_like(g) for _ in range(groups.ep_size)]
+        gathered = [torch.empty_like(g) for _ in range(groups.ep.size)]
         dist.all_gather(gathered, g, group=groups.ep_group)
         torch.testing.assert_close(torch.cat(gathered), getattr(full, name).grad, **tol)
 
 
 def check_dispatch_edge_cases() -> None:
-    groups = init_process_groups(2, 4)
+    groups = make_topology(2)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(6, 8, generator=g)
     w = torch.rand(6, 2, generator=g)
@@ -185,6 +196,8 @@ def run_two_ranks() -> None:
     check_ep(2)
     check_ep(2, ckpt="full")  # recomputation re-runs the all-to-alls inside backward
     check_ep(2, compile=True)
+    for b in CPU_BACKENDS:  # each experts backend that runs on CPU, sharded, equals the single-rank loop
+        check_ep(2, experts=b)
 
 
 def run_four_ranks() -> None:
@@ -206,7 +219,5 @@ def test_expert_parallel_four_ranks():
 
 def test_apply_expert_parallel_rejects_bad_sizes():
     # GroupLayout validation happens before any collective, so no process group is needed here.
-    from parallel.groups import GroupLayout
-
     with pytest.raises(ValueError, match="does not divide num_experts=4"):
         GroupLayout(8, 8, num_experts=4)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from parallel.config import ParallelConfig
-from parallel.groups import GroupLayout, check_expert_parallel
+from parallel.config import ParallelConfig, resolve_precision
+from parallel.expert_parallel import deepspeed_group_name
+from parallel.topology import EPPosition, GroupLayout, check_expert_parallel
 
 
 def test_layout_world8_ep4():
     lay = GroupLayout(8, 4, num_experts=16)
     assert lay.all_ep_groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert lay.all_edp_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
-    assert lay.edp_size == 2 and lay.group_name == "ep_size_4"
-    assert [lay.ep_rank(r) for r in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
-    assert [lay.edp_rank(r) for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert lay.edp_size == 2 and deepspeed_group_name(lay.ep_size) == "ep_size_4"
+    assert [lay.position(r).rank for r in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert [r // lay.ep_size for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]  # edp rank
     assert lay.ep_group_ranks(6) == [4, 5, 6, 7] and lay.edp_group_ranks(6) == [2, 6]
     assert list(lay.local_experts(0)) == [0, 1, 2, 3] and list(lay.local_experts(7)) == [12, 13, 14, 15]
 
@@ -68,17 +69,24 @@ def test_error_lists_valid_choices():
 def test_parallel_config_validation():
     assert ParallelConfig().expert_parallel_size == 1
     ParallelConfig(expert_parallel_size=8, zero_stage=2, precision="bf16").check(64, 16)
-    with pytest.raises(ValueError, match="zero_stage"):
-        ParallelConfig(zero_stage=4)
-    with pytest.raises(ValueError, match="ZeRO stage 3 cannot be combined"):
-        ParallelConfig(expert_parallel_size=2, zero_stage=3)
-    ParallelConfig(expert_parallel_size=1, zero_stage=3)
-    with pytest.raises(ValueError, match="precision"):
-        ParallelConfig(precision="fp16")
-    with pytest.raises(ValueError, match="expert_parallel_size"):
-        ParallelConfig(expert_parallel_size=0)
+    for bad, field in (
+        (dict(zero_stage=4), "parallel.zero_stage"),
+        (dict(zero_stage=3), "stage 3 is not supported"),  # the trainer's stages: ZERO_STAGES
+        (dict(precision="fp16"), "parallel.precision"),
+        (dict(expert_parallel_size=0), "parallel.expert_parallel_size"),
+        (dict(activation_checkpointing="some"), "parallel.activation_checkpointing"),
+        (dict(router_stats_scope="node"), "parallel.router_stats_scope"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            ParallelConfig(**bad).validate()
     with pytest.raises(ValueError, match="does not divide num_experts"):
         ParallelConfig(expert_parallel_size=32).check(64, 16)
-    with pytest.raises(ValueError, match="unknown keys"):
-        ParallelConfig.from_dict({"ep": 2})
-    assert ParallelConfig(precision="auto").resolved_precision("cpu") == "fp32"
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_ep_position_is_the_layouts():
+    lay = GroupLayout(8, 4, num_experts=16)
+    for r in range(8):
+        pos = lay.position(r)
+        assert pos == EPPosition(4, r % 4)
+        assert pos.experts(16) == lay.local_experts(r) == range(4 * (r % 4), 4 * (r % 4) + 4)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from jamba import get_preset
-from parallel.memory import ParamCounts, activation_bytes, count_params, estimate_memory
-from parallel.plan import format_plan, main
+from jamba.config import CHECKPOINT_CHOICES
+from parallel.config import ZERO_STAGES
+from parallel.memory import GiB, ParamCounts, activation_bytes, count_params, estimate_memory
+from parallel.plan import format_plan, load_model, main, recompute_share, search
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +34,17 @@ def test_zero_partitioning_arithmetic():
 
     z0, z1, z2 = est(0), est(1), est(2)
     assert (z0.local_dense, z0.local_expert) == (800, 400)
-    assert z0.weights == z0.grads == 2 * 1200 and z0.optimizer == 12 * 1200
-    assert z1.optimizer == 12 * (800 / 8 + 400 / 2) and z1.grads == 2 * 1200
-    assert z2.grads == 2 * (800 / 8 + 400 / 2) and z2.weights == 2 * 1200
-    z3 = est(3, w=8, e=1)
-    assert z3.weights == 2 * (800 + 1600) / 8
-    auto = est(1, "autocast")  # train/zero.py: fp32 weights and gradients, bf16 matmuls
-    assert auto.weights == auto.grads == 4 * 1200 and auto.optimizer == z1.optimizer
-    assert auto.activations == z1.activations
+    # bf16 = autocast (the trainer's one meaning): fp32 weights and gradients, bf16 matmuls
+    assert z0.weights == z0.grads == 4 * 1200 and z0.optimizer == 8 * 1200
+    assert z1.optimizer == 12 * (800 / 8 + 400 / 2) and z1.grads == 4 * 1200
+    assert z2.grads == 4 * (800 / 8 + 400 / 2) and z2.weights == 4 * 1200
+    assert z1.cast_copies == 2 * 1200 and est(1, "fp32").cast_copies == 0
+    assert est(1, "auto").total == z1.total  # auto plans as bf16
     assert est(1, "fp32").activations > z1.activations
     with_buckets = estimate_memory(cfg, c, world, ep, 1, 1, 16, precision="bf16", bucket_elems=1e3)
-    assert with_buckets.buckets == 2 * 1e3 * 2
+    assert with_buckets.buckets == 2 * 1e3 * 4
     with pytest.raises(ValueError, match="precision"):
-        est(1, "fp16")
+        est(1, "autocast")  # the old second vocabulary is gone
 
 
 def test_activation_checkpointing_and_batch_scaling():
@@ -68,15 +68,21 @@ def test_plan_output_for_64_gpus(jamba_counts):
 
 def test_plan_says_when_it_does_not_fit(jamba_counts):
     out = format_plan(get_preset("jamba-v0.1"), "jamba-v0.1", 8, 8, 1, 1, 4096, counts=jamba_counts)
-    assert "does NOT fit" in out and "--zero 2" in out
+    assert "does NOT fit" in out and "search for the smallest plan" in out
 
 
 def test_cli_rejects_bad_sizes(capsys):
     assert main(["--model", "debug", "--world-size", "8", "--ep", "3"]) == 2
     assert "does not divide the world size 8" in capsys.readouterr().err
-    assert main(["--model", "debug", "--world-size", "8", "--ep", "2", "--zero", "3"]) == 2
-    assert "ZeRO stage 3 cannot be combined" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the trainer's stages only (argparse: exit 2)
+        main(["--model", "debug", "--world-size", "8", "--zero", "3"])
+    assert e.value.code == 2 and "invalid choice: 3" in capsys.readouterr().err
     assert main(["--model", "nope", "--world-size", "8"]) == 2
+    assert "presets: " in capsys.readouterr().err
+    assert main(["--model", "debug", "--world-size", "8", "optim.lr=1"]) == 2
+    assert "only model.<field>=<value>" in capsys.readouterr().err
+    assert main(["--model", "debug", "--world-size", "8", "model.num_attention_heads=5"]) == 2
+    assert "num_attention_heads" in capsys.readouterr().err
 
 
 def test_cli_runs_on_the_debug_preset(capsys):
@@ -92,10 +98,53 @@ def test_single_gpu_plan_is_the_trainers_stage_0(capsys):
     # plus autocast's bf16 weight copies (2 B/param)
     cfg = get_preset("bench")
     c = count_params(cfg)
-    z0 = estimate_memory(cfg, c, 1, 1, 0, 4, 4096, precision="autocast", bucket_elems=0)
-    z1 = estimate_memory(cfg, c, 1, 1, 1, 4, 4096, precision="autocast", bucket_elems=0)
+    z0 = estimate_memory(cfg, c, 1, 1, 0, 4, 4096, precision="bf16", bucket_elems=0)
+    z1 = estimate_memory(cfg, c, 1, 1, 1, 4, 4096, precision="bf16", bucket_elems=0)
     assert z0.optimizer == 8 * c.total and z1.optimizer == 12 * c.total
     assert z0.cast_copies == 2 * c.total
-    assert main(["--model", "bench", "--world-size", "1", "--micro-batch", "4", "--seq-len", "4096"]) == 0
+    argv = ["--model", "bench", "--world-size", "1", "--micro-batch", "4", "--seq-len", "4096"]
+    assert main([*argv, "--zero", "1", "--ep", "1", "--act-ckpt", "none"]) == 0
     out = capsys.readouterr().out
     assert "ZeRO-0" in out and "optimizer (8 B/param)" in out and "bf16 weight copies" in out
+
+
+def test_cli_takes_every_trainer_preset_and_model_overrides():
+    for name in ("lm-100m", "mqar"):  # conf/model presets that jamba/presets.py does not list
+        cfg = load_model(name, [])
+        assert cfg.num_experts == 1
+    small = load_model("debug", ["model.hidden_size=64", "model.num_attention_heads=4"])
+    assert small.hidden_size == 64 and count_params(small).total < count_params(load_model("debug", [])).total
+
+
+def _in_order(cfg, world, mb):
+    """Every candidate in the documented order: recomputation up, micro-batch down, EP up, ZeRO up."""
+    E = cfg.num_experts
+    eps = [e for e in range(1, world + 1) if world % e == 0 and E % e == 0]
+    cks = sorted(CHECKPOINT_CHOICES, key=lambda m: (recompute_share(cfg, m), m))
+    mbs = [m for m in (mb, mb // 2, mb // 4, mb // 8) if m >= 1]
+    return [(m, c, e, z) for c in cks for m in mbs for e in eps for z in ZERO_STAGES]
+
+
+@pytest.mark.parametrize("world, mb", [(32, 4), (64, 8)])
+def test_search_returns_the_first_plan_that_fits(jamba_counts, world, mb):
+    cfg = get_preset("jamba-v0.1")
+    plan, _ = search(cfg, world, mb, 4096, counts=jamba_counts)
+    assert plan is not None
+    limit = 80 * GiB * 0.9
+    fits = [
+        estimate_memory(cfg, jamba_counts, world, e, z, m, 4096, c).total <= limit
+        for m, c, e, z in _in_order(cfg, world, mb)
+    ]
+    first = fits.index(True)
+    assert _in_order(cfg, world, mb)[first] == (plan.micro_batch, plan.act_ckpt, plan.ep, plan.zero)
+
+
+def test_cli_search_and_nothing_fits(capsys):
+    assert main(["--model", "debug", "--world-size", "2", "--seq-len", "256"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "smallest plan that fits on 2 GPUs: parallel.zero_stage=1 parallel.expert_parallel_size=1"
+    )
+    assert "activation_checkpointing=none" in out and "verdict: fits" in out
+    assert main(["--model", "jamba-v0.1", "--world-size", "1", "--seq-len", "4096"]) == 1
+    assert "nothing fits on 1 GPUs of 80 GiB" in capsys.readouterr().out

@@ -32,7 +32,7 @@ def test_defaults_are_the_cpu_debug_run():
     assert cfg.logging.wandb.mode.value == "offline" and cfg.resume == "auto"
     assert cfg.schedule.total_steps == cfg.trainer.max_steps  # interpolated
     assert cfg.checkpoint.dir == "runs/debug/checkpoints"
-    mc = build_model_config(cfg.model, cfg.parallel.activation_checkpointing)
+    mc = build_model_config(cfg.model)
     assert mc.hidden_size == PRESETS["debug"]["hidden_size"] and mc.extra == {"preset": "debug"}
     plain = to_container(cfg)
     assert plain["spikes"]["policy"] == "log" and plain["model"]["preset"] == "debug"
@@ -57,8 +57,8 @@ def test_overrides_reach_the_model_and_the_sections():
             "parallel.activation_checkpointing=full",
         )
     )
-    mc = build_model_config(cfg.model, cfg.parallel.activation_checkpointing)
-    assert mc.hidden_size == 64 and mc.activation_checkpointing == "full"
+    mc = build_model_config(cfg.model)
+    assert mc.hidden_size == 64 and cfg.parallel.activation_checkpointing == "full"
     assert cfg.optim.lr == 1e-3 and cfg.parallel.zero_stage == 2 and cfg.schedule.name.value == "wsd"
     assert cfg.spikes.policy == SpikePolicy.rollback
 
@@ -70,7 +70,6 @@ def test_overrides_reach_the_model_and_the_sections():
         "model.hidden=3",
         "trainer.max_steps=ten",
         "spikes.policy=panic",
-        "parallel.precision=fp8",
         "model=nonexistent",
         "bogus=1",
     ],
@@ -88,13 +87,16 @@ def test_unknown_keys_and_wrong_types_fail_at_composition(override):
         ("checkpoint.keep_last=0", "keep_last"),
         ("data.seq_len=0", "seq_len"),
         ("model.num_attention_heads=5", "model"),
-        ("parallel.activation_checkpointing=some", "activation_checkpointing"),
+        ("parallel.activation_checkpointing=some", "^parallel.activation_checkpointing"),
+        ("parallel.precision=fp8", "^parallel.precision: must be one of auto|bf16|fp32"),
+        ("runtime.experts_backend=fast", "^runtime.experts_backend"),
+        ("runtime.ff_chunk_size=-1", "^runtime.ff_chunk_size"),
     ],
 )
 def test_range_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         cfg = to_config(load(override))
-        build_model_config(cfg.model, cfg.parallel.activation_checkpointing)
+        build_model_config(cfg.model)
 
 
 @pytest.mark.parametrize("override, key", [("+optim.lrr=1e-3", "optim.lrr"), ("+bogus.deep=1", "bogus")])
@@ -118,9 +120,26 @@ def test_expert_parallel_size_must_divide_the_experts():
     assert to_config(load("parallel.expert_parallel_size=2", "model.num_experts=4")).model.num_experts == 4
 
 
+@pytest.mark.parametrize(
+    "override, want",
+    [
+        ("model.scan_backend=torch", "use runtime.scan_backend"),
+        ("model.activation_checkpointing=full", "use parallel.activation_checkpointing"),
+    ],
+)
+def test_former_model_fields_point_to_their_new_group(override, want):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as e:
+        load(override)
+    assert (
+        describe(e.value) == f"{override.split('=')[0]}: a runtime setting now, not part of the model: {want}"
+    )
+
+
 def test_deterministic_refuses_mamba_ssms_scan():
     with pytest.raises(ConfigError, match="^trainer.deterministic: needs a deterministic scan"):
-        to_config(load("trainer.deterministic=true", "model.scan_backend=mamba_ssm"))
+        to_config(load("trainer.deterministic=true", "runtime.scan_backend=mamba_ssm"))
     assert to_config(load("trainer.deterministic=true")).trainer.deterministic
 
 

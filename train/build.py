@@ -16,9 +16,10 @@ from torch import nn
 from data import DataConfig, DataError, TokenLoader, ensure_builtin_corpus
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.hf_compat import to_hf_state_dict
-from parallel.zero import deepspeed_config, effective_zero_stage, skip_single_rank_allreduce
+from parallel.config import effective_zero_stage, matmul_dtype
+from parallel.zero import deepspeed_config, skip_single_rank_allreduce
 
-from .config import Config, ConfigError, Precision, WandbMode, build_model_config
+from .config import Config, ConfigError, WandbMode, build_model_config
 from .distributed import Dist, barrier
 from .metrics import ConsoleSink, JsonlSink, Metrics, WandbSink
 from .optim import SkippableAdamW, build_optimizer
@@ -53,10 +54,15 @@ def padded_vocab_size(data_vocab_size: int) -> int:
 
 
 def build_model(
-    cfg: Config, data_vocab_size: int, token_ids: dict[str, int] | None = None
+    cfg: Config,
+    data_vocab_size: int,
+    token_ids: dict[str, int] | None = None,
+    device: torch.device | None = None,
+    precision: str = "fp32",
 ) -> tuple[JambaConfig, JambaForCausalLM]:
     """model.vocab_size unset: the corpus's vocabulary, padded; set: as given, and it must hold the data.
-    model.bos/eos/pad_token_id unset: the corpus's (`token_ids`), so checkpoints and exports carry them."""
+    model.bos/eos/pad_token_id unset: the corpus's (`token_ids`), so checkpoints and exports carry them.
+    The kernels (`runtime`) are chosen here, once, for `device` and the resolved `precision`."""
     model = cfg.model
     unset = {k: v for k, v in (token_ids or {}).items() if getattr(model, k) is None}
     if unset:
@@ -70,13 +76,24 @@ def build_model(
             cfg.data.path,
             VOCAB_MULTIPLE,
         )
-    model_cfg = build_model_config(model, cfg.parallel.activation_checkpointing)
+    model_cfg = build_model_config(model)
     if model_cfg.vocab_size < data_vocab_size:
         raise ConfigError(
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the {data_vocab_size} token ids of "
             f"{cfg.data.path}; set model.vocab_size={padded_vocab_size(data_vocab_size)} or leave it unset"
         )
-    return model_cfg, JambaForCausalLM(model_cfg, seed=cfg.trainer.seed)
+    dev = (device or torch.device("cpu")).type
+    try:
+        m = JambaForCausalLM(
+            model_cfg,
+            seed=cfg.trainer.seed,
+            runtime=cfg.runtime,
+            device_type=dev,
+            dtype=matmul_dtype(precision),
+        )
+    except ValueError as e:  # an explicit backend that cannot run here
+        raise ConfigError(str(e)) from None
+    return model_cfg, m
 
 
 def set_deterministic(on: bool) -> bool:
@@ -95,61 +112,12 @@ def set_deterministic(on: bool) -> bool:
 
 
 def log_kernels(model: JambaForCausalLM) -> None:
-    """The kernels this run takes, per mixer kind (jamba/layers.py), chosen once when the model was built."""
-    chosen: dict[str, set] = {}
-    for layer in model.model.layers:
-        mixer = getattr(layer, layer.mixer_attr)
-        for what in ("scan_backend", "conv_backend"):
-            if hasattr(mixer, what):
-                chosen.setdefault(f"{layer.kind} {what.split('_')[0]}", set()).add(getattr(mixer, what))
+    """The kernels this run takes, chosen once when the model was built (jamba/runtime.py)."""
     log.info(
         "kernels: %s, deterministic algorithms %s",
-        ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in chosen.items()) or "none (attention only)",
+        model.backends.describe(),
         "on" if torch.are_deterministic_algorithms_enabled() else "off",
     )
-
-
-def maybe_compile(model: JambaForCausalLM, cfg: Config, dist: Dist) -> bool:
-    """parallel.compile: torch.compile every decoder layer (auto: on GPU only)."""
-    mode = cfg.parallel.compile
-    if mode == "none" or (mode == "auto" and dist.device.type != "cuda"):
-        return False
-    model.compile_layers()
-    log.info("torch.compile: every decoder layer (the first steps include the compile time)")
-    return True
-
-
-def apply_parallelism(model: nn.Module, cfg: Config, dist: Dist) -> None:
-    """Expert parallelism, in place; every rank calls it. ZeRO comes with the engine."""
-    ep = cfg.parallel.expert_parallel_size
-    if ep == 1:
-        return
-    if dist.world_size % ep:
-        raise ConfigError(
-            f"parallel.expert_parallel_size={ep} does not divide the world size {dist.world_size}"
-        )
-    try:
-        from parallel.expert_parallel import apply_expert_parallel
-    except ImportError as e:
-        raise ConfigError(
-            f"parallel.expert_parallel_size={ep} needs parallel.expert_parallel."
-            f"apply_expert_parallel, which cannot be imported ({e}); use expert_parallel_size=1"
-        ) from None
-    apply_expert_parallel(model, ep)
-    try:  # tell DeepSpeed's engine which parameters are experts (else ZeRO averages them over the world)
-        from parallel.deepspeed_moe import prepare_deepspeed_moe
-        from parallel.groups import get_process_groups
-    except ImportError:
-        log.warning("parallel.deepspeed_moe is missing: DeepSpeed will not treat expert parameters as MoE")
-    else:
-        prepare_deepspeed_moe(model, get_process_groups(ep))
-    log.info("expert parallelism: %d ranks share each MoE layer's experts", ep)
-
-
-def resolve_precision(p: Precision, device: torch.device) -> str:
-    if p == Precision.auto:
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return p.value
 
 
 def build_engine(model: nn.Module, cfg: Config, dist: Dist, precision: str):
@@ -174,18 +142,14 @@ def build_engine(model: nn.Module, cfg: Config, dist: Dist, precision: str):
     return engine, optimizer
 
 
-def consolidated_state_dict(model: nn.Module, cfg: Config) -> dict[str, torch.Tensor] | None:
+def consolidated_state_dict(model: nn.Module, dist: Dist) -> dict[str, torch.Tensor] | None:
     """The whole model's weights in transformers' names (for jamba.export and train.eval), gathered over
-    expert parallelism. Collective; None where that is not possible."""
-    ep = cfg.parallel.expert_parallel_size
-    if ep == 1:
+    expert parallelism. Collective."""
+    if dist.ep.size == 1:
         return to_hf_state_dict(model)
-    try:
-        from parallel.expert_parallel import gather_full_state_dict
-        from parallel.groups import get_process_groups
-    except ImportError:
-        return None
-    sd = gather_full_state_dict(model, get_process_groups(ep))
+    from parallel.expert_parallel import gather_full_state_dict
+
+    sd = gather_full_state_dict(model, dist)
     if model.lm_head.weight is model.model.embed_tokens.weight:
         sd.pop("lm_head.weight", None)
     return sd

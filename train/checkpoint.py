@@ -104,9 +104,9 @@ class Checkpointer:
         if not self._room_for(path, step):
             return None
         if not consolidated:  # no consolidated weights: each EP position keeps its own experts
-            save_local_experts(engine.module, path)
+            save_local_experts(engine.module, self.dist, path)
         if self.cfg.portable:  # gathers per parameter: written now, not in the background
-            save_portable(engine, path)
+            save_portable(engine, self.dist, path)
         if self.dist.is_main and consolidated:
             meta = {"format": "pt", "step": str(step)}
             jobs.append(("safetensors", path / WEIGHTS_FILE, (tensors, meta)))

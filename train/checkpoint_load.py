@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from parallel.checkpoint import ep_position, expert_files, has_portable, load_local_experts, load_portable
+from parallel.checkpoint import expert_files, has_portable, load_local_experts, load_portable
 from parallel.expert_parallel import load_full_state_dict
+from parallel.topology import EPPosition
 from parallel.zero import SAFE_GLOBALS
 
 from .checkpoint_layout import WEIGHTS_FILE, CheckpointError, read_state, rng_file
@@ -54,19 +55,19 @@ def load_checkpoint(engine, ckpt: Path, dist: Dist, *, optimizer: bool = True) -
     saved_ep = state.get("config", {}).get("parallel", {}).get("expert_parallel_size", 1)
     same_layout = (state.get("world_size"), saved_ep) == (
         dist.world_size,
-        ep_position(engine.module)[1],
+        dist.ep.size,
     )
     if not optimizer:
-        _load_weights(engine, ckpt, experts_only=False)
+        _load_weights(engine, ckpt, dist.ep, experts_only=False)
     elif not same_layout:
         if not has_portable(ckpt):
             raise CheckpointError(
                 f"{ckpt} was written by {state.get('world_size')} ranks (expert-parallel size {saved_ep}) "
                 f"without a portable optimizer state (checkpoint.portable=true); this run has "
-                f"{dist.world_size} (expert-parallel size {ep_position(engine.module)[1]}). Resume on "
+                f"{dist.world_size} (expert-parallel size {dist.ep.size}). Resume on "
                 f"the same layout, or set checkpoint.load_optimizer_states=false"
             )
-        step = load_portable(engine, ckpt)
+        step = load_portable(engine, dist.ep, ckpt)
         log.info(
             "%s: weights and Adam states (step %d) from its portable state, re-split over %d ranks",
             ckpt,
@@ -74,7 +75,7 @@ def load_checkpoint(engine, ckpt: Path, dist: Dist, *, optimizer: bool = True) -
             dist.world_size,
         )
     else:
-        _load_deepspeed(engine, ckpt)
+        _load_deepspeed(engine, ckpt, dist.ep)
     rng = rng_file(ckpt, dist.rank)
     if state.get("world_size") == dist.world_size and rng.is_file():
         set_rng_state(safe_load(rng), dist.device)  # our own file: plain tensors and numbers
@@ -88,7 +89,7 @@ def load_checkpoint(engine, ckpt: Path, dist: Dist, *, optimizer: bool = True) -
     return state
 
 
-def _load_deepspeed(engine, ckpt: Path) -> None:
+def _load_deepspeed(engine, ckpt: Path, ep: EPPosition) -> None:
     """Same layout: DeepSpeed's files (dense weights, this rank's ZeRO partitions), then this rank's
     experts from our per-EP-position files. DeepSpeed's loader wants per-expert files in the layout of
     its own MoE layer, which its saver never writes for ours (its module file holds rank 0's experts
@@ -110,22 +111,22 @@ def _load_deepspeed(engine, ckpt: Path) -> None:
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt} (files missing?)")
     if getattr(engine.checkpoint_engine, "filled_weights", False):
-        _load_weights(engine, ckpt, experts_only=False)  # the weights' only copy
+        _load_weights(engine, ckpt, ep, experts_only=False)  # the weights' only copy
         return
-    if ep_position(engine.module)[1] == 1:
+    if ep.size == 1:
         return
     if expert_files(ckpt):
         try:
-            load_local_experts(engine.module, ckpt)
+            load_local_experts(engine.module, ep, ckpt)
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"{ckpt}: cannot read this rank's experts: {e}") from None
         if not engine.zero_load_from_fp32_weights():  # else ZeRO's fp32 masters are restored already
             engine.optimizer.refresh_fp32_params()
     else:  # a checkpoint from before the per-EP-position files
-        _load_weights(engine, ckpt, experts_only=True)
+        _load_weights(engine, ckpt, ep, experts_only=True)
 
 
-def _load_weights(engine, ckpt: Path, experts_only: bool) -> None:
+def _load_weights(engine, ckpt: Path, ep: EPPosition, experts_only: bool) -> None:
     """This rank's part of model_state.safetensors (its slice of every expert tensor under expert
     parallelism) into the module, then into the ZeRO optimizer's fp32 copy."""
     from safetensors.torch import load_file
@@ -139,7 +140,7 @@ def _load_weights(engine, ckpt: Path, experts_only: bool) -> None:
     if experts_only:
         sd = {k: v for k, v in sd.items() if ".experts." in k}
     with torch.no_grad():
-        res = load_full_state_dict(engine.module, sd, strict=False)
+        res = load_full_state_dict(engine.module, sd, ep, strict=False)
     module = engine.module
     tied = module.lm_head.weight is module.model.embed_tokens.weight
     bad = [k for k in res.missing_keys if not (experts_only or (tied and k == "lm_head.weight"))]

@@ -21,9 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.config import DataConfig
 from jamba import JambaConfig, get_preset
-from jamba.config import CHECKPOINT_CHOICES
+from jamba.config import MOVED_TO_RUNTIME
+from jamba.runtime import Runtime
+from parallel.config import ParallelConfig
 
-from .config_check import unknown_keys
+from .config_check import moved_message, unknown_keys
 
 
 class ConfigError(ValueError):
@@ -38,8 +40,9 @@ def _need(cond: bool, key: str, msg: str) -> None:
 # ---- model -----------------------------------------------------------------------------------------
 # `model.preset` names a flavor of jamba/presets.py; every JambaConfig field may be overridden
 # (`model.hidden_size=256`); None means "the preset's value". The schema is generated from JambaConfig
-# so the two never disagree. activation_checkpointing belongs to `parallel`, `extra` is bookkeeping.
-_MODEL_SKIP = ("activation_checkpointing", "extra")
+# so the two never disagree. `extra` is bookkeeping. How the model runs (kernels, chunk sizes) is the
+# `runtime` group (jamba/runtime.py); how it is spread and which techniques apply, `parallel`.
+_MODEL_SKIP = ("extra",)
 
 
 def _optional(tp: Any) -> Any:
@@ -62,11 +65,11 @@ ModelConfig = dataclasses.make_dataclass(
 ModelConfig.__doc__ = "A jamba/ preset plus per-field overrides (None: the preset's value)."
 
 
-def build_model_config(model: Any, activation_checkpointing: str = "none") -> JambaConfig:
+def build_model_config(model: Any) -> JambaConfig:
     """The JambaConfig a `ModelConfig` describes; JambaConfig's own validation names a bad field."""
     overrides = {k: v for k, v in dataclasses.asdict(model).items() if k != "preset" and v is not None}
     try:
-        return get_preset(model.preset, activation_checkpointing=activation_checkpointing, **overrides)
+        return get_preset(model.preset, **overrides)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
 
@@ -112,51 +115,9 @@ class ScheduleConfig:
         _need(0 < self.decay_fraction <= 1, "schedule.decay_fraction", "must be in (0, 1]")
 
 
-# ---- parallelism -----------------------------------------------------------------------------------
-class Precision(Enum):
-    auto = "auto"  # bf16 on a GPU, fp32 on CPU
-    fp32 = "fp32"
-    bf16 = "bf16"  # DeepSpeed torch_autocast: fp32 weights (A_log, D, dt bias stay fp32), bf16 matmuls
-
-
-@dataclass
-class ParallelConfig:
-    zero_stage: int = 1  # DeepSpeed ZeRO 1 (optimizer states) or 2 (+ gradients) over data-parallel ranks
-    expert_parallel_size: int = 1  # ranks that split each MoE layer's experts (parallel/expert_parallel.py)
-    precision: Precision = Precision.auto
-    activation_checkpointing: str = "none"  # none | full | mamba | attention | moe
-    # torch.compile each decoder layer: auto = on a GPU only (CPU compiles take minutes for little gain)
-    compile: str = "auto"  # auto | layers | none
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda
-    backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | nccl | gloo
-    timeout_s: int = 600  # a collective waiting longer (e.g. a peer died) raises instead of hanging
-
-    def validate(self) -> None:
-        _need(
-            self.zero_stage in (1, 2),
-            "parallel.zero_stage",
-            f"must be 1 or 2, got {self.zero_stage} (train/ uses ZeRO-1/2; stage 1 costs nothing over DDP)",
-        )
-        _need(self.expert_parallel_size >= 1, "parallel.expert_parallel_size", "must be >= 1")
-        _need(
-            self.activation_checkpointing in CHECKPOINT_CHOICES,
-            "parallel.activation_checkpointing",
-            f"must be one of {CHECKPOINT_CHOICES}, got {self.activation_checkpointing!r}",
-        )
-        _need(
-            self.compile in ("auto", "layers", "none"),
-            "parallel.compile",
-            f"auto|layers|none, got {self.compile!r}",
-        )
-        _need(
-            self.device in ("auto", "cpu", "cuda"), "parallel.device", f"auto|cpu|cuda, got {self.device!r}"
-        )
-        _need(
-            self.backend in ("auto", "nccl", "gloo"),
-            "parallel.backend",
-            f"auto|nccl|gloo, got {self.backend!r}",
-        )
-        _need(self.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+# ---- parallelism and runtime ----------------------------------------------------------------------
+# `parallel` is parallel/config.py's ParallelConfig (the planner and DeepSpeed's config take the same one);
+# `runtime` is jamba/runtime.py's Runtime (kernel backends, chunk sizes).
 
 
 # ---- logging, checkpoints, spikes ----------------------------------------------------------------------
@@ -304,6 +265,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    runtime: Runtime = field(default_factory=Runtime)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
@@ -331,16 +293,20 @@ class Config:
             f"{self.init_from!r} does not exist (a run folder, step_N folder or transformers Jamba folder)",
         )
         _need(
-            not (self.trainer.deterministic and self.model.scan_backend == "mamba_ssm"),
+            not (self.trainer.deterministic and self.runtime.scan_backend == "mamba_ssm"),
             "trainer.deterministic",
-            "needs a deterministic scan, but model.scan_backend=mamba_ssm (its backward sums with float "
-            "atomics): use model.scan_backend=auto or triton",
+            "needs a deterministic scan, but runtime.scan_backend=mamba_ssm (its backward sums with float "
+            "atomics): use runtime.scan_backend=auto or triton",
         )
+        for section in (self.parallel, self.runtime):  # their own ValueErrors name the key
+            try:
+                section.validate()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         for section in (  # the trainer first: schedule.total_steps is trainer.max_steps unless set
             self.trainer,
             self.optim,
             self.schedule,
-            self.parallel,
             self.logging,
             self.checkpoint,
             self.spikes,
@@ -351,7 +317,7 @@ class Config:
         ep = self.parallel.expert_parallel_size
         if ep == 1:
             return
-        model = build_model_config(self.model, self.parallel.activation_checkpointing)
+        model = build_model_config(self.model)
         _need(
             not any(model.layers_is_moe) or model.num_experts % ep == 0,
             "parallel.expert_parallel_size",
@@ -384,6 +350,9 @@ def register() -> None:
 def to_config(cfg: DictConfig) -> Config:
     """Refuse keys the schema lacks, resolve interpolations and run every section's range checks."""
     if extra := unknown_keys(cfg, OmegaConf.structured(Config)):
+        moved = [k for k in extra if k.startswith("model.") and k[6:] in MOVED_TO_RUNTIME]
+        if moved:
+            raise ConfigError(moved_message(moved[0]))
         raise ConfigError(
             f"{', '.join(extra)}: not a setting of train/config.py (a `+key=` override adds no new "
             f"settings; check the spelling, `python -m train --cfg job` lists them)"

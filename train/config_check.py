@@ -6,6 +6,8 @@ import dataclasses
 
 from omegaconf import DictConfig, OmegaConf
 
+from jamba.config import MOVED_TO_RUNTIME
+
 
 def unknown_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> list[str]:
     """Keys of `cfg` the schema lacks (Hydra's `+key=` adds them even to a structured config)."""
@@ -35,6 +37,15 @@ def describe(e: BaseException) -> str:
         for ln in text.splitlines()
         if ln.strip() and not ln.strip().startswith(("full_key:", "reference_type=", "object_type="))
     ]
+    if key and str(key).startswith("model.") and str(key)[6:] in MOVED_TO_RUNTIME:
+        return moved_message(str(key))
     if key and cause is not e:
         return f"{key}: {lines[0] if lines else type(cause).__name__} ({str(e).splitlines()[0]})"
     return " ".join(lines) or type(e).__name__
+
+
+def moved_message(key: str) -> str:
+    """model.<field> for a field that left JambaConfig: where it lives now."""
+    k = key[len("model.") :]
+    to = "parallel" if k == "activation_checkpointing" else "runtime"
+    return f"{key}: a runtime setting now, not part of the model: use {to}.{k}"

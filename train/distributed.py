@@ -11,26 +11,17 @@ import logging
 import os
 import re
 import socket
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, ParallelConfig
+from parallel.config import ParallelConfig
+from parallel.topology import Topology, check_expert_parallel, make_topology
+
+from .config import ConfigError
 
 log = logging.getLogger("train.distributed")
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+Dist = Topology  # the one topology object (parallel/topology.py); this name stays for the trainer's modules
 
 
 def _free_port() -> int:
@@ -61,8 +52,9 @@ def set_ds_accelerator(device: torch.device) -> None:
         os.environ["DS_ACCELERATOR"] = "cuda"
 
 
-def init(pcfg: ParallelConfig) -> Dist:
-    """Join (or, alone, create) the default process group through DeepSpeed, which needs it anyway."""
+def init(pcfg: ParallelConfig) -> Topology:
+    """Join (or, alone, create) the default process group through DeepSpeed, which needs it anyway, and make
+    this process's topology (its expert-parallel position and groups)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world == 1 and "MASTER_ADDR" not in os.environ:  # no launcher: a world of one
@@ -89,10 +81,17 @@ def init(pcfg: ParallelConfig) -> Dist:
     deepspeed.init_distributed(
         dist_backend=backend, timeout=datetime.timedelta(seconds=pcfg.timeout_s), verbose=False
     )
-    d = Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
-    if d.world_size != world:
-        raise RuntimeError(f"WORLD_SIZE={world} but the process group has {d.world_size} ranks")
-    log.info("rank %d/%d on %s (%s)", d.rank, d.world_size, device, backend)
+    if dist.get_world_size() != world:
+        raise RuntimeError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()} ranks")
+    ep = pcfg.expert_parallel_size
+    try:
+        check_expert_parallel(world, ep)
+    except ValueError as e:
+        raise ConfigError(f"parallel.expert_parallel_size: {e}") from None
+    d = make_topology(ep, device, local_rank)
+    log.info(
+        "rank %d/%d on %s (%s), expert-parallel rank %d of %d", d.rank, world, device, backend, d.ep.rank, ep
+    )
     return d
 
 

@@ -37,8 +37,10 @@ def load_model(ckpt: Path, device: torch.device) -> JambaForCausalLM:
         )
     from safetensors.torch import load_file
 
-    cfg = JambaConfig.from_dict({**json.loads(config.read_text()), "activation_checkpointing": "none"})
-    model = JambaForCausalLM(cfg, init=False)
+    cfg = JambaConfig.from_dict(json.loads(config.read_text()))
+    # kernels for the device it runs on; evaluate() runs bf16 autocast on a GPU
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = JambaForCausalLM(cfg, init=False, device_type=device.type, dtype=dtype)
     load_hf_state_dict(model, load_file(str(weights)))
     return model.to(device).eval()
 

@@ -18,18 +18,17 @@ from pathlib import Path
 import torch
 
 from data import DataError
+from parallel.apply import apply_parallelism
+from parallel.config import resolve_precision
 
 from . import distributed as D
 from .build import (
-    apply_parallelism,
     build_data,
     build_engine,
     build_metrics,
     build_model,
     consolidated_state_dict,
     log_kernels,
-    maybe_compile,
-    resolve_precision,
     set_deterministic,
 )
 from .checkpoint import Checkpointer
@@ -73,12 +72,12 @@ class Trainer:
         self.train_data, self.val_data = build_data(cfg.data, dist)
         td = self.train_data
         ids = {"bos_token_id": td.bos_id, "eos_token_id": td.eos_id, "pad_token_id": td.pad_id}
-        self.model_cfg, model = build_model(cfg, td.vocab_size, ids)
+        self.precision = resolve_precision(cfg.parallel.precision, dist.device)
+        self.model_cfg, model = build_model(cfg, td.vocab_size, ids, dist.device, self.precision)
         log_layout(self.model_cfg)
         log_kernels(model)
         self.param_shapes = {n: list(p.shape) for n, p in model.named_parameters()}
         self.moe_layers = [i for i, moe in enumerate(self.model_cfg.layers_is_moe) if moe]
-        self.precision = resolve_precision(cfg.parallel.precision, dist.device)
         self.config = to_container(cfg)
         self.global_batch = cfg.data.micro_batch_size * cfg.trainer.grad_accum_steps * dist.world_size
         self.checkpointer = Checkpointer(cfg.checkpoint, dist, cfg.faults)
@@ -95,8 +94,7 @@ class Trainer:
                 self.global_batch,
                 dist.world_size,
             )
-        apply_parallelism(model, cfg, dist)
-        maybe_compile(model, cfg, dist)
+        apply_parallelism(model, cfg.parallel, dist)  # expert parallelism, checkpointing, compile
         log.info("starting the DeepSpeed engine (%s)", plural(dist.world_size, "rank"))
         self.engine, self.optimizer = build_engine(model, cfg, dist, self.precision)
         self.checkpointer.install_safe_loading(self.engine)
@@ -177,7 +175,7 @@ class Trainer:
         if self.last_saved == self.step:
             return
         """Start a checkpoint of this step: training goes on while it is written (Checkpointer.start)."""
-        weights = consolidated_state_dict(self.engine.module, self.cfg)
+        weights = consolidated_state_dict(self.engine.module, self.dist)
         mine = weights if self.dist.is_main else None  # None on every rank: experts saved per EP position
         state = self._state()
         if self.checkpointer.start(self.engine, self.step, state, mine, consolidated=weights is not None):
@@ -189,7 +187,7 @@ class Trainer:
         background, so the first save does not wait for that."""
         if not (self.cfg.checkpoint.interval or self.cfg.checkpoint.save_final):
             return
-        weights = consolidated_state_dict(self.engine.module, self.cfg)
+        weights = consolidated_state_dict(self.engine.module, self.dist)
         mine = weights if self.dist.is_main else None
         self.checkpointer.prepare(self.engine, mine, consolidated=weights is not None)
 

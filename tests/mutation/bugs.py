@@ -179,8 +179,8 @@ BUGS = [
         "consolidated_rank0_experts",
         "consolidated weights hold rank 0's experts on every EP position",
         "parallel/expert_parallel.py",
-        "sd[key] = all_gather_cat(getattr(ex, pname).detach(), groups.ep_group)",
-        "sd[key] = getattr(ex, pname).detach().repeat(groups.ep_size, 1, 1)",
+        "sd[key] = all_gather_cat(getattr(ex, pname).detach(), topo.ep_group)",
+        "sd[key] = getattr(ex, pname).detach().repeat(topo.ep.size, 1, 1)",
         (KILLED,),
     ),
     Bug(
@@ -268,9 +268,9 @@ BUGS = [
     ),
     Bug(
         "deterministic_accepts_mamba_ssm",
-        "trainer.deterministic=true accepted with model.scan_backend=mamba_ssm",
+        "trainer.deterministic=true accepted with runtime.scan_backend=mamba_ssm",
         "train/config.py",
-        'not (self.trainer.deterministic and self.model.scan_backend == "mamba_ssm")',
+        'not (self.trainer.deterministic and self.runtime.scan_backend == "mamba_ssm")',
         "True",
         ("tests/test_train_config.py::test_deterministic_refuses_mamba_ssms_scan",),
     ),
