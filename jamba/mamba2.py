@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import JambaConfig
 from .mamba2_ssd import TORCH_CHUNK, ssd, ssd_backend, ssd_chunked, ssd_sequential
-from .scan import causal_conv1d, causal_conv1d_ref, conv_backend
+from .scan import causal_conv1d, causal_conv1d_ref
 
 
 class GatedRMSNorm(nn.Module):
@@ -65,9 +65,15 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(d, h, bias=cfg.mamba_proj_bias)
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        self.scan_backend = ssd_backend(device_type, cfg.use_kernels)
-        self.conv_backend = conv_backend(device_type, cfg.use_kernels)
+        # the PyTorch reference until jamba.runtime.apply_runtime hands over the run's backends (set_backends)
+        self.scan_backend, self.conv_backend = "torch", "torch"
+
+    def set_backends(self, backends, runtime) -> str:
+        """The run's conv, and the SSD scan for its device (mamba-ssm's kernels on CUDA where importable);
+        returns the SSD backend for the kernel log."""
+        self.scan_backend = ssd_backend(backends.device, runtime.use_kernels)
+        self.conv_backend = backends.conv
+        return self.scan_backend
 
     def new_cache(self, batch_size: int, max_len: int, device, dtype) -> Mamba2Cache:
         w = self.conv1d.kernel_size[0]

@@ -84,10 +84,13 @@ class Backends:
     conv: str
     experts: str
     notes: tuple[str, ...] = ()
+    ssd: str | None = None  # Mamba-2's SSD scan, when the model has Mamba-2 layers
 
     def describe(self) -> str:
+        ssd = f", Mamba-2 SSD {self.ssd}" if self.ssd else ""
         return (
-            f"selective scan {self.scan}, causal conv {self.conv}, experts {self.experts} (on {self.device})"
+            f"selective scan {self.scan}{ssd}, causal conv {self.conv}, experts {self.experts} "
+            f"(on {self.device})"
         )
 
 
@@ -154,8 +157,11 @@ def apply_runtime(
     )
     for note in b.notes:
         log.warning("%s", note)
+    ssd = set()
     for m in model.modules():
-        if hasattr(m, "scan_backend"):  # Mamba mixers
+        if hasattr(m, "set_backends"):  # mixers that pick kernels of their own from the run's (Mamba-2)
+            ssd.add(m.set_backends(b, rt))
+        elif hasattr(m, "scan_backend"):  # Mamba-1 mixers
             m.scan_backend, m.conv_backend = b.scan, b.conv
             m.use_kernels = b.scan != "torch"
             m.scan_chunk, m.scan_block = rt.scan_chunk_size, rt.scan_block_size
@@ -163,6 +169,8 @@ def apply_runtime(
             m.backend = b.experts
         if hasattr(m, "chunk"):  # feed-forwards (dense and MoE)
             m.chunk = rt.ff_chunk_size
+    if ssd:
+        b = dataclasses.replace(b, ssd="/".join(sorted(ssd)))
     model.loss_chunk_size = rt.loss_chunk_size
     model.runtime, model.backends = rt, b
     return b

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jamba.config import CHECKPOINT_CHOICES, JambaConfig
+from jamba.layers import checkpointed
 
 from .config import PRECISIONS, ZERO_STAGES, ParallelConfig, effective_zero_stage
 from .memory import GiB, ParamCounts, count_params, estimate_memory, layer_activation_units, precision_bytes
-from .memory import _checkpointed as checkpointed
 from .topology import GroupLayout
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

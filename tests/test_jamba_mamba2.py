@@ -13,6 +13,7 @@ from jamba.hf_config import config_to_hf
 from jamba.layers import CHECKPOINT_CHOICES, SSD_FLOPS_PER_STATE
 from jamba.mamba2 import Mamba2Mixer
 from jamba.mamba2_ssd import ssd_chunked, ssd_sequential
+from parallel.apply import set_activation_checkpointing
 
 
 def ssd_inputs(b=2, L=37, h=4, p=3, g=2, n=5, seed=0):
@@ -101,8 +102,9 @@ def test_init_is_mamba2_practice():
 
 def test_checkpointing_unit_and_recompute(seed):
     assert "mamba2" in CHECKPOINT_CHOICES
-    cfg = cfg2(activation_checkpointing="mamba2")
+    cfg = cfg2()
     m = JambaForCausalLM(cfg, seed=0).train()
+    set_activation_checkpointing(m, "mamba2")
     assert [m.model._checkpointed(layer) for layer in m.model.layers] == [True, False, True, False, True]
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
     loss = m(ids[:, :-1], labels=ids[:, 1:]).loss
