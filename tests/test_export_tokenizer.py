@@ -37,7 +37,9 @@ def trainer_checkpoint(root, corpus: str) -> JambaForCausalLM:
     (root / LATEST).write_text(tag.name)
     save_file({k: v.contiguous() for k, v in to_hf_state_dict(model).items()}, str(tag / WEIGHTS_FILE))
     (tag / MODEL_CONFIG_FILE).write_text(json.dumps(config.to_dict()))
-    (tag / STATE_FILE).write_text(json.dumps({"version": 1, "step": 1, "config": {"data": {"path": corpus, "mixture": []}}}))
+    (tag / STATE_FILE).write_text(
+        json.dumps({"version": 1, "step": 1, "config": {"data": {"path": corpus, "mixture": []}}})
+    )
     return model
 
 

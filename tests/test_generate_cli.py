@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from train.testing import TINY, run_train
+from tiny import TINY
+from train_runs import run_train
 
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.hf_compat import to_hf_state_dict

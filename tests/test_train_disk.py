@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from dist_utils import run_distributed
+from tiny import TINY
 
 from train.checkpoint_writer import room_problem, write_cause
-from train.testing import TINY
 
 pytestmark = pytest.mark.distributed
 ARGS = [*TINY, "trainer.eval_interval=0", "checkpoint.interval=2", "checkpoint.keep_last=2", "parallel=zero2"]
@@ -50,7 +50,7 @@ class Lines(logging.Handler):
 
 def _disk_full(run_dir: str) -> None:
     import train.checkpoint_writer as cw
-    from train.checkpoint import CheckpointError, find_latest, is_complete, tag_for
+    from train.checkpoint_layout import CheckpointError, find_latest, is_complete, tag_for
 
     ckpts, got = Path(run_dir) / "checkpoints", Lines()
     trainer = trainer_for(run_dir, "trainer.max_steps=6")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 from test_data_common import make_prepared
+from tiny import TINY
 
 from data.manifest import load_manifest
-from train.checkpoint import find_latest, is_complete, read_state, tag_for
+from train.checkpoint_layout import find_latest, is_complete, read_state, tag_for
 from train.metrics import read_jsonl
-from train.testing import TINY
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parent.parent
