@@ -49,9 +49,14 @@ def _attention_params(cfg: JambaConfig) -> int:
     return h * q + 2 * h * kv + q * h
 
 
+def _expert_params(cfg: JambaConfig) -> int:
+    """One expert (or the dense MLP): gate, up and down projections."""
+    return 3 * cfg.hidden_size * cfg.intermediate_size
+
+
 def _ffn_params(cfg: JambaConfig, moe: bool) -> tuple[int, int]:
     """(total, active) of one feed-forward; all of it is matmul weights."""
-    expert = 3 * cfg.hidden_size * cfg.intermediate_size
+    expert = _expert_params(cfg)
     if not moe:
         return expert, expert
     router = cfg.hidden_size * cfg.num_experts
@@ -59,10 +64,11 @@ def _ffn_params(cfg: JambaConfig, moe: bool) -> tuple[int, int]:
 
 
 def count_params(cfg: JambaConfig) -> dict:
-    """{total, active, embedding, non_embedding, active_non_embedding, lm_head, final_norm, per_layer}.
+    """{total, active, embedding, non_embedding, active_non_embedding, experts, lm_head, final_norm, per_layer}.
 
     `embedding`: the input embedding plus an untied lm_head (both vocab x hidden). `per_layer`: one dict
-    per layer with kind ('attention'/'mamba'), moe, mixer, ffn, norms, total, active."""
+    per layer with kind ('attention'/'mamba'), moe, mixer, ffn, norms, total, active. `experts`: the expert
+    weights of every MoE layer (what expert parallelism shards; the routers are not in it)."""
     h, v = cfg.hidden_size, cfg.vocab_size
     per_layer = []
     for i, (kind, moe) in enumerate(zip(cfg.layers_block_type, cfg.layers_is_moe, strict=True)):
@@ -93,6 +99,7 @@ def count_params(cfg: JambaConfig) -> dict:
         "embedding": embedding,
         "non_embedding": layers_total + final_norm,
         "active_non_embedding": layers_active + final_norm,
+        "experts": sum(layer["moe"] for layer in per_layer) * cfg.num_experts * _expert_params(cfg),
         "lm_head": lm_head,
         "final_norm": final_norm,
         "per_layer": per_layer,

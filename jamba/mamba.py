@@ -46,7 +46,6 @@ class MambaMixer(nn.Module):
         self.scan_chunk, self.scan_block = cfg.scan_chunk_size, cfg.scan_block_size
         for p in (self.A_log, self.D, self.dt_proj.bias):
             p._no_weight_decay = True  # read by the optimizer's param groups
-            p._keep_fp32 = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, L, _ = x.shape

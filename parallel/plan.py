@@ -17,7 +17,7 @@ from jamba.presets import PRESETS, get_preset
 
 from .config import ParallelConfig
 from .groups import GroupLayout
-from .memory import PRECISIONS, GiB, ParamCounts, count_params, estimate_memory, precision_bytes
+from .memory import PRECISIONS, GiB, ParamCounts, estimate_memory, param_counts, precision_bytes
 
 
 def _fmt_groups(groups: list[list[int]], show: int = 3) -> str:
@@ -53,7 +53,7 @@ def format_plan(
     ParallelConfig(expert_parallel_size=ep, zero_stage=zero).check(world_size, cfg.num_experts)
     wb, _ = precision_bytes(precision)
     lay = GroupLayout(world_size, ep, cfg.num_experts)
-    counts = counts or count_params(cfg)
+    counts = counts or param_counts(cfg)
     active = counts.dense + counts.expert * cfg.num_experts_per_tok // cfg.num_experts
     L = []
     L.append(

@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from tiny import tiny_config
 
-from jamba import get_preset
-from parallel.memory import ParamCounts, activation_bytes, count_params, estimate_memory
+from jamba import JambaForCausalLM, get_preset
+from jamba.experts import Experts
+from parallel.memory import ParamCounts, activation_bytes, estimate_memory, param_counts
 from parallel.plan import format_plan, main
 
 
 @pytest.fixture(scope="module")
 def jamba_counts() -> ParamCounts:
-    return count_params(get_preset("jamba-v0.1"))
+    return param_counts(get_preset("jamba-v0.1"))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [tiny_config(), tiny_config(tie_word_embeddings=True), tiny_config(num_experts=1), get_preset("debug")],
+    ids=["tiny", "tied", "dense", "debug"],
+)
+def test_param_counts_equal_the_built_module(cfg):
+    with torch.device("meta"):
+        model = JambaForCausalLM(cfg, init=False)
+    expert = sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
+    total = sum(p.numel() for p in model.parameters())  # a tied weight is yielded once
+    c = param_counts(cfg)
+    assert (c.dense, c.expert, c.moe_layers) == (total - expert, expert, sum(cfg.layers_is_moe))
 
 
 def test_jamba_v01_parameter_counts(jamba_counts):
@@ -91,7 +108,7 @@ def test_single_gpu_plan_is_the_trainers_stage_0(capsys):
     # one rank: train/ runs a plain engine (stage 0), so no fp32 master clone: Adam moments only (8 B/param),
     # plus autocast's bf16 weight copies (2 B/param)
     cfg = get_preset("bench")
-    c = count_params(cfg)
+    c = param_counts(cfg)
     z0 = estimate_memory(cfg, c, 1, 1, 0, 4, 4096, precision="autocast", bucket_elems=0)
     z1 = estimate_memory(cfg, c, 1, 1, 1, 4, 4096, precision="autocast", bucket_elems=0)
     assert z0.optimizer == 8 * c.total and z1.optimizer == 12 * c.total

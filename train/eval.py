@@ -62,16 +62,22 @@ def run_data_path(state: dict, given: str | None) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: JambaForCausalLM, loader: TokenLoader, max_batches: int, device: torch.device) -> dict:
+def loss_sums(forward, batches, max_batches: int, device: torch.device) -> tuple[float, int, int]:
+    """(summed token loss, tokens, batches) of `forward(x, labels=y)` (a model or the trainer's engine) over at
+    most `max_batches` batches (0: all of them). The trainer sums these over its ranks."""
     total, n_tok, n_batches = 0.0, 0, 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for x, y in loader:
+    for x, y in batches:
         if max_batches and n_batches >= max_batches:
             break
-        with autocast:
-            out = model(x.to(device), labels=y.to(device))
+        out = forward(x.to(device), labels=y.to(device))
         n = int((y != -100).sum())
         total, n_tok, n_batches = total + float(out.lm_loss) * n, n_tok + n, n_batches + 1
+    return total, n_tok, n_batches
+
+
+def evaluate(model: JambaForCausalLM, loader: TokenLoader, max_batches: int, device: torch.device) -> dict:
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        total, n_tok, n_batches = loss_sums(model, loader, max_batches, device)
     if n_tok == 0:
         raise DataError("the validation split gave no batches")
     loss = total / n_tok

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from data import DataError
+from jamba.counting import flops_per_token
 
 from . import distributed as D
 from .build import (
@@ -34,6 +35,7 @@ from .build import (
 from .checkpoint import Checkpointer
 from .checkpoint_layout import read_state
 from .config import Config, SpikePolicy, to_container
+from .eval import loss_sums
 from .optim import clip_grad_norm_, lr_multiplier, set_lr
 from .profiling import profile_step
 from .resume import check_compatible, find_checkpoint
@@ -46,7 +48,7 @@ from .spikes import (
     is_finite,
     largest_layer_grad_norm,
 )
-from .throughput import flops_per_token, memory_gb, peak_flops
+from .throughput import memory_gb, peak_flops
 
 log = logging.getLogger("train")
 HEAD = 7  # slots of the step statistics before the per-layer ones (see _forward_backward)
@@ -97,7 +99,7 @@ class Trainer:
             self._resume(resume_from)
         self.train_iter = iter(self.train_data)
         self.metrics = build_metrics(cfg, dist, self.config, self.model_cfg, self.wandb_id)
-        self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len, model)
+        self.flops_per_token = float(flops_per_token(self.model_cfg, cfg.data.seq_len)["total"])
         self.peak_flops = peak_flops(dist.device, cfg.logging.peak_tflops)
         n = sum(p.numel() for p in model.parameters())
         log.info(
@@ -344,15 +346,11 @@ class Trainer:
         if self.val_data is None:
             return {}
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        for i, (x, y) in enumerate(self.val_data):
-            if self.cfg.trainer.eval_batches and i >= self.cfg.trainer.eval_batches:
-                break
-            out = self.engine(x.to(self.dist.device), labels=y.to(self.dist.device))
-            n = float((y != -100).sum())
-            total += torch.tensor([float(out.lm_loss) * n, n], dtype=torch.float64)
+        loss_sum, n, _ = loss_sums(
+            self.engine, self.val_data, self.cfg.trainer.eval_batches, self.dist.device
+        )
         self.engine.train()
-        D.all_reduce_(total)
+        total = D.all_reduce_(torch.tensor([loss_sum, n], dtype=torch.float64))
         loss = float(total[0] / total[1].clamp(min=1))
         return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
 
