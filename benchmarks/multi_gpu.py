@@ -39,6 +39,7 @@ from multi_gpu_runner import ROOT, Runner, child_env, fail_reason  # noqa: E402
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from launch.commands import standalone_torchrun  # noqa: E402 - after ROOT is on sys.path
 
 STEPS = ("equivalence", "throughput", "resume")
 
@@ -84,7 +85,7 @@ class Check:
         shutil.rmtree(self.runs / name, ignore_errors=True)
         last = {o.split("=", 1)[0]: i for i, o in enumerate(overrides)}  # one value per key: the last given
         overrides = [o for i, o in enumerate(overrides) if last[o.split("=", 1)[0]] == i]
-        res = self.runner.run(name, self.runner.torchrun(nproc, "-m", "train", *overrides), timeout)
+        res = self.runner.run(name, standalone_torchrun(nproc, "-m", "train", *overrides), timeout)
         res["records"] = _metrics(self.runs / name)
         return res
 
@@ -99,7 +100,7 @@ class Check:
         n = self.n
         if n < 2:
             return {"status": "SKIP", "detail": "needs >= 2 ranks"}
-        cmd = self.runner.torchrun(
+        cmd = standalone_torchrun(
             n, str(Path(__file__).resolve().parent / "ep_equivalence.py"), "--out", str(self.out)
         )
         if self.cpu:

@@ -7,7 +7,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,16 +26,6 @@ class Runner:
             self.env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
         (out / "logs").mkdir(parents=True, exist_ok=True)
         self.commands: list[dict] = []
-
-    def torchrun(self, nproc: int, *args: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            *args,
-        ]
 
     def run(self, name: str, cmd: list[str], timeout: float) -> dict:
         log = self.out / "logs" / f"{name}.log"

@@ -44,7 +44,7 @@ from .sources import (
     read_unit,
     tokenize_units,
 )
-from .tokenizer import ByteTokenizer, HFTokenizer, token_dtype, train_bpe
+from .tokenizer import ByteTokenizer, load_tokenizer, token_dtype, train_bpe
 
 log = logging.getLogger("data.prepare")
 BUILTIN_PATH = "data_cache/stdlib"
@@ -63,8 +63,6 @@ SKIP_TEXT = {
 def _make_tokenizer(
     spec: str, files: list[str], vocab_size: int, text_field: str, bpe_sample_mb: float, specials: dict
 ):
-    if spec == "byte":
-        return ByteTokenizer()
     if spec == "bpe":
         limit = int(bpe_sample_mb * (1 << 20))
 
@@ -79,7 +77,7 @@ def _make_tokenizer(
 
         log.info("training a byte-level BPE with vocab %d on up to %.0f MB", vocab_size, bpe_sample_mb)
         return train_bpe(texts(), vocab_size)
-    return HFTokenizer.from_file(spec, **specials)
+    return load_tokenizer(spec, **specials)
 
 
 def prepare(

@@ -23,10 +23,11 @@ from .layers import FEED_FORWARDS, MIXERS, SCAN_FLOPS_PER_STATE  # noqa: F401 - 
 
 
 def count_params(cfg: JambaConfig) -> dict:
-    """{total, active, embedding, non_embedding, active_non_embedding, lm_head, final_norm, per_layer}.
+    """{total, active, embedding, non_embedding, active_non_embedding, experts, lm_head, final_norm, per_layer}.
 
     `embedding`: the input embedding plus an untied lm_head (both vocab x hidden). `per_layer`: one dict
-    per layer with kind (the mixer's registry name), moe, mixer, ffn, norms, total, active."""
+    per layer with kind (the mixer's registry name), moe, mixer, ffn, norms, total, active. `experts`: the
+    expert weights of every MoE layer (what expert parallelism shards; the routers are not in it)."""
     h, v = cfg.hidden_size, cfg.vocab_size
     per_layer = []
     for i, (symbol, moe) in enumerate(cfg.layers):
@@ -57,6 +58,7 @@ def count_params(cfg: JambaConfig) -> dict:
         "embedding": embedding,
         "non_embedding": layers_total + final_norm,
         "active_non_embedding": layers_active + final_norm,
+        "experts": sum(layer["moe"] for layer in per_layer) * cfg.num_experts * 3 * h * cfg.intermediate_size,
         "lm_head": lm_head,
         "final_norm": final_norm,
         "per_layer": per_layer,

@@ -319,10 +319,16 @@ def srun_torchrun_command(spec: LaunchSpec, gpus_per_node: int) -> list[str]:
     ]
 
 
+def standalone_torchrun(nproc: int, *args: str, python: str = sys.executable) -> list[str]:
+    """torchrun --standalone: `nproc` processes of `args` (`-m train ...`, or a script) on this machine."""
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
 def local_command(nproc: int, overrides: list[str], python: str = sys.executable) -> list[str]:
     """One machine without a hostfile: `python -m train`, or torchrun --standalone for several processes."""
     if nproc <= 1:
         return [python, "-m", "train", *overrides]
+    # launch.torchrun: torchrun with our exit statuses (0 after a handled stop, 2 and one line after an error)
     return [
         python,
         "-m",

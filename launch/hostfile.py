@@ -68,11 +68,9 @@ def read_hostfile(path: str | Path) -> list[Host]:
     return parse_hostfile(p.read_text(), str(p))
 
 
-def write_hostfile(hosts: list[Host], path: str | Path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text("".join(h.line() + "\n" for h in hosts))
-    return p
+def hostfile_text(hosts: list[Host]) -> str:
+    """What `read_hostfile` reads back: one `HOST slots=N` line per host."""
+    return "".join(h.line() + "\n" for h in hosts)
 
 
 def uniform_slots(hosts: list[Host], why: str) -> int:

@@ -36,7 +36,7 @@ from .commands import (
     parse_env,
     torchrun_commands,
 )
-from .hostfile import Host, HostfileError, read_hostfile
+from .hostfile import Host, HostfileError, hostfile_text, read_hostfile
 from .slurm import add_slurm_args, render_sbatch, slurm_options
 
 
@@ -79,7 +79,7 @@ def make_plan(
     if launcher == "deepspeed":
         if hostfile is None:
             hostfile = launch_dir / "hostfile"
-            plan.files[hostfile] = "".join(h.line() + "\n" for h in spec.hosts)
+            plan.files[hostfile] = hostfile_text(spec.hosts)
         env_file = launch_dir / "ds_env"
         backend = spec.ds_launcher if spec.nodes > 1 else "pdsh"  # one node: the runner exports nothing
         plan.files[env_file] = env_file_text(deepspeed_exports(spec, environ), backend)

@@ -34,10 +34,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from jamba import JambaConfig, JambaForCausalLM
-from jamba.experts import Experts
+from jamba import JambaConfig
+from jamba.counting import count_params
 from jamba.layers import FEED_FORWARDS, MIXERS, checkpointed
 from jamba.runtime import Runtime
 
@@ -65,21 +63,11 @@ class ParamCounts:
         return self.dense + self.expert
 
 
-def count_params(cfg: JambaConfig) -> ParamCounts:
-    """Exact counts from the model code, built on the meta device (no memory, a few seconds at 52B)."""
-    with torch.device("meta"):
-        model = JambaForCausalLM(cfg, init=False)
-    expert_ids = {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters()}
-    seen, dense, expert = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if id(p) in expert_ids:
-            expert += p.numel()
-        else:
-            dense += p.numel()
-    return ParamCounts(dense, expert, sum(cfg.layers_is_moe))
+def param_counts(cfg: JambaConfig) -> ParamCounts:
+    """Dense and expert parameters, from jamba.counting (exact: tests/test_parallel_plan.py checks it against
+    the built model)."""
+    c = count_params(cfg)
+    return ParamCounts(c["total"] - c["experts"], c["experts"], sum(cfg.layers_is_moe))
 
 
 def layer_activation_units(cfg: JambaConfig) -> list[float]:

@@ -22,7 +22,7 @@ from jamba.config import CHECKPOINT_CHOICES, JambaConfig
 from jamba.layers import checkpointed
 
 from .config import PRECISIONS, ZERO_STAGES, ParallelConfig, effective_zero_stage
-from .memory import GiB, ParamCounts, count_params, estimate_memory, layer_activation_units, precision_bytes
+from .memory import GiB, ParamCounts, estimate_memory, layer_activation_units, param_counts, precision_bytes
 from .topology import GroupLayout
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -65,7 +65,7 @@ def format_plan(
     zero = effective_zero_stage(zero, world_size)  # what the trainer runs: a plain engine on one rank
     wb, _ = precision_bytes(precision)
     lay = GroupLayout(world_size, ep, cfg.num_experts)
-    counts = counts or count_params(cfg)
+    counts = counts or param_counts(cfg)
     active = counts.dense + counts.expert * cfg.num_experts_per_tok // cfg.num_experts
     L = []
     L.append(
@@ -182,7 +182,7 @@ def search(
     Smallest, the dearest knob in step time first: the least recomputation (checkpointing re-runs forwards),
     then the largest micro-batch up to `micro_batch` (halving; gradient accumulation keeps the batch), then
     the smallest EP size (all-to-alls), then the lowest ZeRO stage (stage 2 costs little over 1). `zeros`, `eps`, `ckpts`: the values to try (default all)."""
-    counts = counts or count_params(cfg)
+    counts = counts or param_counts(cfg)
     E = cfg.num_experts if any(cfg.layers_is_moe) else 1
     eps = eps or tuple(e for e in range(1, world_size + 1) if world_size % e == 0 and E % e == 0)
     ckpts = ckpts or tuple(sorted(CHECKPOINT_CHOICES, key=lambda m: (recompute_share(cfg, m), m)))
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 activation_checkpointing=a.act_ckpt or "none",
             ).check(a.world_size)
         cfg = load_model(a.model, a.overrides)
-        counts = count_params(cfg)
+        counts = param_counts(cfg)
         args = (a.world_size, a.micro_batch, a.seq_len)
         common = dict(precision=a.precision, bucket_elems=a.bucket_elems, counts=counts)
         if None not in (a.zero, a.ep, a.act_ckpt):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from launch.hostfile import Host, HostfileError, parse_hostfile, read_hostfile, uniform_slots, write_hostfile
+from launch.hostfile import Host, HostfileError, hostfile_text, parse_hostfile, read_hostfile, uniform_slots
 
 
 def test_parses_hosts_in_order_ignoring_comments():
@@ -30,7 +30,8 @@ def test_errors_name_the_line_and_the_fix(text, match):
 
 def test_read_write_roundtrip_and_missing_file(tmp_path):
     hosts = [Host("a", 8), Host("b", 8)]
-    path = write_hostfile(hosts, tmp_path / "h")
+    path = tmp_path / "h"
+    path.write_text(hostfile_text(hosts))
     assert path.read_text() == "a slots=8\nb slots=8\n"
     assert read_hostfile(path) == hosts
     with pytest.raises(HostfileError, match="does not exist"):

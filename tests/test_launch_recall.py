@@ -76,3 +76,11 @@ def test_a_real_model_is_scored_on_answers_only(corpus):
     out = score(JambaForCausalLM(tiny_config(vocab_size=SPEC.vocab_size)), examples[:20], tok)
     assert all(0 <= out[k]["acc"] <= 1 for k in ("K=2", "K=5"))
     assert np.isclose(out["K=2"]["answers"] * 5, out["K=5"]["answers"] * 2)
+
+
+def test_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    # CheckpointError is a ValueError (train/checkpoint_layout.py): the CLI reports it instead of a traceback
+    from launch.recall import main
+
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "no complete checkpoint at" in capsys.readouterr().err

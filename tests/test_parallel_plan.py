@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from tiny import tiny_config
 
-from jamba import get_preset
+from jamba import JambaForCausalLM, get_preset
 from jamba.config import CHECKPOINT_CHOICES
+from jamba.experts import Experts
 from parallel.config import ZERO_STAGES
-from parallel.memory import GiB, ParamCounts, activation_bytes, count_params, estimate_memory
+from parallel.memory import GiB, ParamCounts, activation_bytes, estimate_memory, param_counts
 from parallel.plan import format_plan, load_model, main, recompute_share, search
 
 
 @pytest.fixture(scope="module")
 def jamba_counts() -> ParamCounts:
-    return count_params(get_preset("jamba-v0.1"))
+    return param_counts(get_preset("jamba-v0.1"))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [tiny_config(), tiny_config(tie_word_embeddings=True), tiny_config(num_experts=1), get_preset("debug")],
+    ids=["tiny", "tied", "dense", "debug"],
+)
+def test_param_counts_equal_the_built_module(cfg):
+    with torch.device("meta"):
+        model = JambaForCausalLM(cfg, init=False)
+    expert = sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
+    total = sum(p.numel() for p in model.parameters())  # a tied weight is yielded once
+    c = param_counts(cfg)
+    assert (c.dense, c.expert, c.moe_layers) == (total - expert, expert, sum(cfg.layers_is_moe))
 
 
 def test_jamba_v01_parameter_counts(jamba_counts):
@@ -97,7 +114,7 @@ def test_single_gpu_plan_is_the_trainers_stage_0(capsys):
     # one rank: train/ runs a plain engine (stage 0), so no fp32 master clone: Adam moments only (8 B/param),
     # plus autocast's bf16 weight copies (2 B/param)
     cfg = get_preset("bench")
-    c = count_params(cfg)
+    c = param_counts(cfg)
     z0 = estimate_memory(cfg, c, 1, 1, 0, 4, 4096, precision="bf16", bucket_elems=0)
     z1 = estimate_memory(cfg, c, 1, 1, 1, 4, 4096, precision="bf16", bucket_elems=0)
     assert z0.optimizer == 8 * c.total and z1.optimizer == 12 * c.total
@@ -113,7 +130,7 @@ def test_cli_takes_every_trainer_preset_and_model_overrides():
         cfg = load_model(name, [])
         assert cfg.num_experts == 1
     small = load_model("debug", ["model.hidden_size=64", "model.num_attention_heads=4"])
-    assert small.hidden_size == 64 and count_params(small).total < count_params(load_model("debug", [])).total
+    assert small.hidden_size == 64 and param_counts(small).total < param_counts(load_model("debug", [])).total
 
 
 def _in_order(cfg, world, mb):

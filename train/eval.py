@@ -65,18 +65,28 @@ def run_data_path(state: dict, given: str | None) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: JambaForCausalLM, loader: TokenLoader, max_batches: int, device: torch.device) -> dict:
+def loss_sums(
+    forward, batches, max_batches: int, device: torch.device, tick=None
+) -> tuple[float, int, int, bool]:
+    """(summed token loss, tokens, batches, whether batches were left at max_batches) of
+    `forward(x, labels=y)` (a model or the trainer's engine) over at most `max_batches` batches (0: all of
+    them); `tick()` after each batch (progress). The trainer sums these over its ranks."""
     total, n_tok, n_batches = 0.0, 0, 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with progress(f"evaluating {loader.split}", total=max_batches or None, logger=log) as tick:
-        for x, y in loader:
-            if max_batches and n_batches >= max_batches:
-                break
-            with autocast:
-                out = model(x.to(device), labels=y.to(device))
-            n = int((y != -100).sum())
-            total, n_tok, n_batches = total + float(out.lm_loss) * n, n_tok + n, n_batches + 1
+    for x, y in batches:
+        if max_batches and n_batches >= max_batches:
+            return total, n_tok, n_batches, True
+        out = forward(x.to(device), labels=y.to(device))
+        n = int((y != -100).sum())
+        total, n_tok, n_batches = total + float(out.lm_loss) * n, n_tok + n, n_batches + 1
+        if tick is not None:
             tick()
+    return total, n_tok, n_batches, False
+
+
+def evaluate(model: JambaForCausalLM, loader: TokenLoader, max_batches: int, device: torch.device) -> dict:
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with progress(f"evaluating {loader.split}", total=max_batches or None, logger=log) as tick, autocast:
+        total, n_tok, n_batches, _ = loss_sums(model, loader, max_batches, device, tick)
     if n_tok == 0:
         raise DataError("the validation split gave no batches")
     loss = total / n_tok

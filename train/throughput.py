@@ -1,4 +1,4 @@
-"""FLOPs per token, the hardware peak for MFU, and memory in use."""
+"""The hardware peak for MFU (FLOPs per token: jamba.counting), and memory in use."""
 
 from __future__ import annotations
 
@@ -7,28 +7,11 @@ import resource
 import time
 
 import torch
-from torch import nn
-
-from jamba import JambaConfig
 
 log = logging.getLogger("train.throughput")
 
 # Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor data sheets, SXM parts).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
-
-
-def flops_per_token(cfg: JambaConfig, seq_len: int, model: nn.Module) -> float:
-    """Training (forward + backward) FLOPs per token: jamba.counting when present, else 6 x active params."""
-    try:
-        from jamba.counting import flops_per_token as count
-    except ImportError:
-        count = None
-    if count is not None:
-        return float(count(cfg, seq_len)["total"])
-    total = sum(p.numel() for p in model.parameters())
-    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    active = total - experts * (1 - cfg.num_experts_per_tok / max(1, cfg.num_experts))
-    return 6.0 * active
 
 
 def measured_cpu_flops(n: int = 512, reps: int = 8) -> float:

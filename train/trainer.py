@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from data import DataError
+from jamba.counting import flops_per_token
 from parallel.apply import apply_parallelism
 from parallel.config import resolve_precision
 
@@ -34,6 +35,7 @@ from .build import (
 from .checkpoint import Checkpointer
 from .checkpoint_layout import CheckpointError, read_state, tag_for
 from .config import Config, SpikePolicy, to_container
+from .eval import loss_sums
 from .optim import clip_grad_norm_, lr_multiplier, set_lr
 from .profiling import profile_step
 from .progress import progress
@@ -49,7 +51,7 @@ from .spikes import (
     largest_layer_grad_norm,
 )
 from .summary import end_summary
-from .throughput import flops_per_token, memory_gb, peak_flops
+from .throughput import memory_gb, peak_flops
 from .weights import start_from
 
 log = logging.getLogger("train")
@@ -112,7 +114,7 @@ class Trainer:
         if cfg.logging.wandb.mode.value != "disabled":
             log.info("starting W&B (%s)", cfg.logging.wandb.mode.value)
         self.metrics = build_metrics(cfg, dist, self.config, self.model_cfg, self.wandb_id)
-        self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len, model)
+        self.flops_per_token = float(flops_per_token(self.model_cfg, cfg.data.seq_len)["total"])
         self.peak_flops = peak_flops(dist.device, cfg.logging.peak_tflops)
         n = sum(p.numel() for p in model.parameters())
         log.info(
@@ -363,20 +365,11 @@ class Trainer:
             return {}
         self.engine.eval()
         eb = self.cfg.trainer.eval_batches
-        total = torch.zeros(
-            4, dtype=torch.float64
-        )  # loss x tokens, tokens, batches, ranks that stopped early
         with progress(f"evaluating {'the whole val split' if not eb else f'{eb} batches'}") as tick:
-            for i, (x, y) in enumerate(self.val_data):
-                if eb and i >= eb:
-                    total[3] += 1
-                    break
-                out = self.engine(x.to(self.dist.device), labels=y.to(self.dist.device))
-                n = float((y != -100).sum())
-                total += torch.tensor([float(out.lm_loss) * n, n, 1, 0], dtype=torch.float64)
-                tick()
+            loss_sum, n, batches, early = loss_sums(self.engine, self.val_data, eb, self.dist.device, tick)
         self.engine.train()
-        D.all_reduce_(total)
+        # loss x tokens, tokens, batches, ranks that stopped early
+        total = D.all_reduce_(torch.tensor([loss_sum, n, batches, float(early)], dtype=torch.float64))
         loss = float(total[0] / total[1].clamp(min=1))
         return {
             "val/loss": loss,
