@@ -90,11 +90,16 @@ class MambaMixer(nn.Module):
 
     def _scan_cached(self, u, delta, A, B, C, z, cache: MambaCache) -> torch.Tensor:
         """The scan from the cached state: one token by a state update (mamba-ssm's kernel on a GPU where
-        installed), several (a prompt) by the chunked PyTorch scan started from that state."""
+        installed), several (a prompt) by the chunked PyTorch scan started from that state, in blocks of
+        scan_block_size tokens."""
         bias, D = self.dt_proj.bias.float(), self.D.float()
-        if u.shape[-1] > 1:
-            y, cache.ssm = _scan_block(u, delta, A, B, C, D, z, bias, cache.ssm, True, self.scan_chunk)
-            return y
+        if u.shape[-1] > 1:  # in blocks, as the training scan: its [b, block, d, n] tensors bound the memory
+            ys, blk = [], self.scan_block
+            for i in range(0, u.shape[-1], blk):
+                u_, d_, b_, c_, z_ = (t[..., i : i + blk] for t in (u, delta, B, C, z))
+                y, cache.ssm = _scan_block(u_, d_, A, b_, c_, D, z_, bias, cache.ssm, True, self.scan_chunk)
+                ys.append(y)
+            return torch.cat(ys, dim=-1)
         args = (u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0], D, z[..., 0], bias)
         if selective_state_update is not None and u.is_cuda and self.use_kernels:
             y = selective_state_update(cache.ssm, *args[:7], dt_bias=bias, dt_softplus=True)

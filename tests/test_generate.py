@@ -40,7 +40,7 @@ def hybrid(**kw) -> JambaForCausalLM:
 
 @pytest.mark.parametrize("use_rope", [False, True])
 def test_cached_logits_equal_the_full_forward(use_rope):
-    model = hybrid(use_rope=use_rope)
+    model = hybrid(use_rope=use_rope, scan_block_size=4)  # the 5-token prompt's scan spans two blocks
     ids = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids).logits

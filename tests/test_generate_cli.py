@@ -135,3 +135,32 @@ def test_init_from_yields_to_the_runs_own_checkpoint(run, caplog):
     assert torch.equal(model.lm_head.weight, before)
     with pytest.raises(ConfigError, match="both choose the starting weights"):
         start_from(str(run.hf), model, model.config, str(run.step), run.step)
+
+
+def test_init_from_a_transformers_save(tmp_path):
+    """A folder as transformers' save_pretrained writes it (per-expert tensors, its own config.json)."""
+    import transformers
+
+    from jamba.hf_compat import config_to_hf
+
+    cfg = JambaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        attn_layer_period=4,
+        attn_layer_offset=2,
+        mamba_d_state=8,
+    )
+    torch.manual_seed(0)
+    hf = transformers.JambaForCausalLM(transformers.JambaConfig(**config_to_hf(cfg, use_mamba_kernels=False)))
+    hf.eval().save_pretrained(tmp_path)
+    ours = JambaForCausalLM(cfg, seed=1).eval()
+    assert init_from(ours, tmp_path).kind == "transformers"
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+        torch.testing.assert_close(ours(ids).logits, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
