@@ -69,9 +69,9 @@ class JambaConfig:
     mamba_dt_max: float = 0.1
     mamba_dt_init_floor: float = 1e-4
     # Mamba-2 layers ('S'): they share mamba_expand, mamba_d_conv, the biases and the dt range with Mamba-1
-    mamba2_d_state: int = 128
-    mamba2_head_dim: int = 64
-    mamba2_n_groups: int = 1
+    mamba2_d_state: int = 128  # Mamba-2 state size per head (N)
+    mamba2_head_dim: int = 64  # Mamba-2 head width (P): mamba_d_inner / mamba2_head_dim heads
+    mamba2_n_groups: int = 1  # Mamba-2 groups sharing B and C (1: all heads share them)
     rms_norm_eps: float = 1e-6
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.0

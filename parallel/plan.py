@@ -157,6 +157,13 @@ class Plan:
     total_bytes: float
 
 
+def checkpoint_modes(cfg: JambaConfig) -> tuple[str, ...]:
+    """The checkpointing modes that differ for this model, cheapest first: a mode that selects no layer of it
+    (a mixer it lacks) is `none` under another name and is left out."""
+    useful = [m for m in CHECKPOINT_CHOICES if m == "none" or recompute_share(cfg, m) > 0]
+    return tuple(sorted(useful, key=lambda m: (recompute_share(cfg, m), m)))
+
+
 def recompute_share(cfg: JambaConfig, mode: str) -> float:
     """The share of the layers' activation units that checkpointing `mode` recomputes (its extra forward
     work, roughly): orders the modes from cheapest to dearest for this model."""
@@ -185,7 +192,7 @@ def search(
     counts = counts or param_counts(cfg)
     E = cfg.num_experts if any(cfg.layers_is_moe) else 1
     eps = eps or tuple(e for e in range(1, world_size + 1) if world_size % e == 0 and E % e == 0)
-    ckpts = ckpts or tuple(sorted(CHECKPOINT_CHOICES, key=lambda m: (recompute_share(cfg, m), m)))
+    ckpts = ckpts or checkpoint_modes(cfg)
     zeros = zeros or ZERO_STAGES
     mbs, m = [], micro_batch
     while m >= 1:
@@ -216,7 +223,8 @@ def load_model(name: str, overrides: list[str]) -> JambaConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from train.config import ConfigError, build_model_config, describe, register
+    from train.config import ConfigError, build_model_config, register
+    from train.config_check import describe
 
     bad = [o for o in overrides if not o.startswith("model.") or "=" not in o]
     if bad:

@@ -70,7 +70,7 @@ def test_help_lists_groups_and_describes_every_setting():
     assert "  optim.grad_clip = 1.0  # max global grad norm; 0 disables clipping" in text
     assert "  schedule.name = cosine  # the schedule's shape [cosine | wsd | constant]" in text
     assert "\nfaults: Deliberate failures" in text
-    assert "  parallel.precision = auto  # auto: bf16 on a GPU, fp32 on CPU; fp32; bf16: DeepSpeed" in text
+    assert "  parallel.precision = auto  # auto: bf16 on a GPU, fp32 on CPU | bf16 (autocast" in text
     p = run_train("--help")
     assert p.returncode == 0 and "  trainer.max_steps = 120  # optimizer steps" in p.stdout
 

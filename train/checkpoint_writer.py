@@ -252,7 +252,7 @@ class Writer:
 
     def check(self) -> None:
         if self.error is not None:
-            from .checkpoint import CheckpointError
+            from .checkpoint_layout import CheckpointError
 
             e, self.error = self.error, None
             raise CheckpointError(f"writing a checkpoint failed: {write_cause(e, self.path)}") from e

@@ -91,7 +91,7 @@ def model_values(cfg: Config) -> JambaConfig:
         model = dataclasses.replace(model, **{k: v for k, v in ids.items() if getattr(model, k) is None})
         if model.vocab_size is None:
             model = dataclasses.replace(model, vocab_size=padded_vocab_size(int(tok["vocab_size"])))
-    return build_model_config(model, cfg.parallel.activation_checkpointing)
+    return build_model_config(model)
 
 
 def resolved_dict(cfg: Config, m: JambaConfig) -> dict:
