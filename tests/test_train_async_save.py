@@ -39,7 +39,10 @@ def test_a_save_killed_in_the_background_leaves_latest_on_the_previous(tmp_path,
     # the reference with trainer.deterministic on: on CPU it changes no result (the same losses as the resumed
     # run without it), and the run says which kernels it took
     reference = run_train(tmp_path / "ref", [*ONE_RANK, "trainer.deterministic=true"])
-    assert "kernels: mamba scan torch, mamba conv torch, deterministic algorithms on" in reference.output
+    assert (
+        "kernels: selective scan torch, causal conv torch, experts loop (on cpu), deterministic algorithms on"
+        in (reference.output)
+    )
     want, got = reference.losses(), resumed.losses()
     assert all(abs(got[s] - want[s]) <= 1e-6 for s in (3, 4, 5)), (got, want)
     saves = [r for r in resumed.metrics() if "checkpoint/stall_s" in r]
@@ -80,7 +83,7 @@ def _pinned_ahead_run(run_dir: str) -> None:
     try:
         trainer.train_step()
         ck, engine = trainer.checkpointer, trainer.engine
-        weights = consolidated_state_dict(engine.module, cfg)
+        weights = consolidated_state_dict(engine.module, trainer.dist)
         plan = ck.plan(engine, weights)
         assert not (ck.root / ".plan").exists()
         keys = [k for k, _, _ in plan]

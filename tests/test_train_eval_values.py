@@ -15,6 +15,7 @@ from test_data_common import make_prepared
 
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.moe import SparseMoE
+from parallel.apply import set_activation_checkpointing
 from train.build import build_data
 from train.config import DataConfig, FaultConfig
 from train.distributed import Dist
@@ -105,9 +106,10 @@ def tiny_dropout_model() -> JambaForCausalLM:
         attn_layer_offset=1,
         mamba_d_state=8,
         attention_dropout=0.5,
-        activation_checkpointing="full",
     )
-    return JambaForCausalLM(cfg, seed=0).train()
+    model = JambaForCausalLM(cfg, seed=0).train()
+    set_activation_checkpointing(model, "full")
+    return model
 
 
 def train_step(model, x) -> tuple[float, list[torch.Tensor], int]:
