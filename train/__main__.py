@@ -140,8 +140,8 @@ def train(cfg, dcfg: DictConfig, phase: dict) -> None:
     once the attempt is underway (its first step done), so a failed attempt changes no file of the run."""
     from . import distributed
     from .rundir import buffer_log, record_job
-    from .signals import exit_with_launcher
-    from .trainer import Trainer, stop_agreed
+    from .signals import exit_with_launcher, stop_agreed
+    from .trainer import Trainer
 
     exit_with_launcher()
     buf = buffer_log() if env_rank() == 0 else None
