@@ -33,7 +33,7 @@ from .build import (
     set_deterministic,
 )
 from .checkpoint import Checkpointer
-from .checkpoint_layout import CheckpointError, read_state, tag_for
+from .checkpoint_layout import CheckpointError, read_state
 from .config import Config, SpikePolicy, to_container
 from .eval import loss_sums
 from .optim import clip_grad_norm_, lr_multiplier, set_lr
@@ -41,7 +41,7 @@ from .profiling import profile_step
 from .progress import progress
 from .resume import check_compatible, find_checkpoint
 from .show import log_layout, plural, write_run_files
-from .signals import StopRequest
+from .signals import StopRequest, stop_agreed, where_stopped
 from .spikes import (
     ACTION_CODES,
     KIND_CODES,
@@ -56,12 +56,6 @@ from .weights import start_from
 
 log = logging.getLogger("train")
 HEAD = 7  # slots of the step statistics before the per-layer ones (see _forward_backward)
-
-
-def stop_agreed(stop: StopRequest, dist: D.Dist) -> bool:
-    """Collective: whether a stop signal reached any rank (outside the steps, which carry the vote)."""
-    vote = torch.tensor([stop.local()], dtype=torch.float64, device=dist.device)
-    return stop.agree(float(D.all_reduce_(vote)[0]))
 
 
 class Trainer:
@@ -449,12 +443,7 @@ class Trainer:
         """Where a stop signal left the run (None: no stop); after `fit`."""
         if not self.stop.stopping:
             return None
-        by, latest = f"stopped by {self.stop.name()}", self.checkpointer.latest()
-        if self.step == self.fit_from:
-            return f"{by} before training, at step {self.step}: nothing was written"
-        if latest is not None and latest.name == tag_for(self.step):
-            return f"{by} at step {self.step}: saved {latest}"
-        return f"{by} at step {self.step}: not saved (the newest complete checkpoint is {latest})"
+        return where_stopped(self.stop, self.step, self.fit_from, self.checkpointer.latest())
 
     def _log_eval(self) -> None:
         if m := self.evaluate():
