@@ -1,0 +1,40 @@
+"""Checkpoints around the loop: the commit of a background write every rank has finished, the saves at
+checkpoint.interval and at the end. Writing happens in the background (train/checkpoint.py)."""
+
+from __future__ import annotations
+
+from ..step import StepEnd
+from . import Callback
+
+
+class CheckpointCommit(Callback):
+    """Early in the step's end: the commit's figures are logged before the step's metrics."""
+
+    priority = 80
+
+    def pre_train(self) -> None:
+        self.first = self.trainer.step + 1
+
+    def post_step(self, end: StepEnd) -> None:
+        t = self.trainer
+        if (
+            t.checkpointer.in_flight and int(end.stats.saved) == t.dist.world_size
+        ):  # every rank's files are written
+            t.metrics.log(t.step, t.checkpointer.commit(float(end.stats.saved_bytes)))
+        if end.step == self.first:  # the optimizer's states exist now
+            t.prepare_saves()
+
+
+class Checkpoints(Callback):
+    priority = 30
+
+    def post_step(self, end: StepEnd) -> None:
+        interval = self.trainer.cfg.checkpoint.interval
+        if not end.rollback and interval and self.trainer.step % interval == 0:
+            self.trainer.save()
+
+    def post_train(self) -> None:
+        t = self.trainer
+        if t.cfg.checkpoint.save_final or t.stop.stopping:
+            t.save()
+        t.finish_save()
