@@ -146,9 +146,9 @@ class Trainer:
         }
 
     def save(self) -> None:
+        """Start a checkpoint of this step: training goes on while it is written (Checkpointer.start)."""
         if self.last_saved == self.step:
             return
-        """Start a checkpoint of this step: training goes on while it is written (Checkpointer.start)."""
         weights = consolidated_state_dict(self.engine.module, self.cfg)
         mine = weights if self.dist.is_main else None  # None on every rank: experts saved per EP position
         self.checkpointer.start(self.engine, self.step, self._state(), mine, consolidated=weights is not None)
