@@ -28,7 +28,7 @@ clean:
 # The main job: the `debug` Jamba on the built-in corpus, 2 CPU processes (gloo), offline W&B, checkpoints.
 # Extra Hydra overrides: make train ARGS="trainer.max_steps=300 run_name=longer"
 train: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 -m train $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m launch.torchrun --standalone --nproc_per_node 2 -m train $(ARGS)
 
 prepare: $(STAMP)
 	$(BIN)/python -m data.prepare

@@ -277,7 +277,7 @@ def torchrun_commands(spec: LaunchSpec, environ: dict[str, str] | None = None) -
     """One torchrun per node with a static node rank (the hostfile's order); one node: --standalone."""
     gpus = uniform_slots(spec.hosts, "torchrun")
     env = launch_env(spec, environ)
-    run = [spec.python, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}"]
+    run = [spec.python, "-m", "launch.torchrun", f"--nproc_per_node={gpus}"]
     tail = ["-m", "train", *spec.train_args]
     if spec.nodes == 1:
         return [NodeCommand(spec.hosts[0].name, [*run, "--standalone", *tail], env)]
@@ -307,7 +307,7 @@ def srun_torchrun_command(spec: LaunchSpec, gpus_per_node: int) -> list[str]:
         "--ntasks-per-node=1",
         spec.python,
         "-m",
-        "torch.distributed.run",
+        "launch.torchrun",
         "--nnodes=$SLURM_NNODES",
         f"--nproc_per_node={gpus_per_node}",
         "--rdzv_backend=c10d",
@@ -326,7 +326,7 @@ def local_command(nproc: int, overrides: list[str], python: str = sys.executable
     return [
         python,
         "-m",
-        "torch.distributed.run",
+        "launch.torchrun",
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train import outcome
+
 from .commands import (
     LAUNCHERS,
     LaunchError,
@@ -44,6 +46,7 @@ class Plan:
 
     cwd: str
     files: dict[Path, str] = field(default_factory=dict)
+    dirs: list[Path] = field(default_factory=list)  # to create (Slurm's log folder: sbatch does not)
     procs: list[tuple[str, list[str], dict[str, str | None]]] = field(
         default_factory=list
     )  # (what, argv, env changes: a value, or None to remove the variable)
@@ -97,15 +100,20 @@ def make_plan(
         opts = slurm_options(slurm_args, spec.nodes, gpus.pop())
         script = launch_dir / f"{opts.job_name}.sbatch"
         plan.files[script] = render_sbatch(spec, opts, environ)
+        plan.dirs.append(Path(spec.workdir) / Path(opts.output).parent)
         plan.procs.append(("submit", ["sbatch", str(script)], {}))
     else:
         raise LaunchError(f"--launcher must be one of {LAUNCHERS}, got {launcher!r}")
     return plan
 
 
-def execute(plan: Plan, timeout: float | None = None) -> int:
+def execute(plan: Plan, timeout: float | None = None, outcome_file: Path | None = None) -> int:
     """Write the files, start every process in its own session, wait. If one fails, stop the others; on
-    SIGINT/SIGTERM, pass SIGTERM on (train saves a checkpoint and exits)."""
+    SIGINT/SIGTERM/SIGUSR1, pass SIGTERM on (train saves a checkpoint and exits). The exit status is the
+    ranks' record in `outcome_file` when they wrote one (train/outcome.py): 0 after a handled stop, 2 and
+    the cause as the last line after an error; else the first failed process's."""
+    for d in plan.dirs:
+        d.mkdir(parents=True, exist_ok=True)
     for path, text in plan.files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
@@ -122,7 +130,8 @@ def execute(plan: Plan, timeout: float | None = None) -> int:
                 except ProcessLookupError:
                     pass
 
-    old = {s: signal.signal(s, lambda signum, frame: stop()) for s in (signal.SIGINT, signal.SIGTERM)}
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    old = {s: signal.signal(s, lambda signum, frame: stop()) for s in handled}
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while any(p.poll() is None for p in procs):
@@ -135,7 +144,8 @@ def execute(plan: Plan, timeout: float | None = None) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return next((p.returncode for p in procs if p.returncode != 0), 0)
+    rc = next((p.returncode for p in procs if p.returncode != 0), 0)
+    return rc if outcome_file is None else outcome.exit_status(outcome_file, rc, everywhere=True)
 
 
 def build_spec(a: argparse.Namespace) -> tuple[LaunchSpec, Path | None]:
@@ -203,17 +213,33 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def validate_overrides(overrides: list[str]) -> int:
+    """Compose and check the overrides as the run would (train/__main__.py): 0, or 2 after one line."""
+    from train.__main__ import check_overrides
+
+    try:
+        check_overrides(overrides)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
-        spec, hostfile = build_spec(a)
         launch_dir = Path(
             a.launch_dir or f"runs/launch/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         ).absolute()
+        outcome_file = None if a.launcher == "slurm" else launch_dir / "outcome.json"  # Slurm's: per job
+        if outcome_file is not None:
+            a.env = [*a.env, f"{outcome.ENV}={outcome_file}"]
+        spec, hostfile = build_spec(a)
         plan = make_plan(spec, a.launcher, launch_dir, hostfile, a)
     except (LaunchError, HostfileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if rc := validate_overrides(a.overrides):
+        return rc
     if a.dry_run:
         sys.stdout.write(plan.describe())
         return 0
@@ -222,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     try:
-        return execute(plan, a.timeout)
+        if outcome_file is not None:
+            outcome_file.unlink(missing_ok=True)
+        return execute(plan, a.timeout, outcome_file)
     except FileNotFoundError as e:  # pdsh, ssh or sbatch missing on this machine
         print(f"error: {e.filename} not found: {e.strerror}", file=sys.stderr)
         return 2

@@ -91,8 +91,11 @@ def render_sbatch(spec: LaunchSpec, opts: SlurmOptions, environ: dict[str, str] 
         'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         f"export MASTER_PORT={spec.master_port}",
         'echo "job $SLURM_JOB_ID: $SLURM_NNODES nodes, master $MASTER_ADDR:$MASTER_PORT"',
+        "# how the job ended (train/outcome.py): exit 0 after a handled stop, 2 and the cause for an error",
+        'export JAMBA_OUTCOME="$PWD/runs/slurm/outcome-$SLURM_JOB_ID.json"',
+        'rm -f "$JAMBA_OUTCOME"',
     ]
-    if opts.mode == "torchrun":
+    if opts.mode == "torchrun":  # launch.torchrun maps the outcome itself, on every node
         lines.append(shell_join(srun_torchrun_command(spec, opts.gpus_per_node)))
     else:
         lines += [
@@ -124,14 +127,17 @@ def render_sbatch(spec: LaunchSpec, opts: SlurmOptions, environ: dict[str, str] 
         if opts.nodes == 1 or spec.ds_launcher == "slurm":
             cmd += ["--no_ssh_check"]  # one node, or srun starts the ranks: no ssh needed
         cmd += ["--launcher", spec.ds_launcher] if opts.nodes > 1 else []
-        lines.append(shell_join([*cmd, ENTRY, *spec.train_args]))
+        lines.append(shell_join([*cmd, ENTRY, *spec.train_args]) + " || rc=$?")
+        lines.append(f'exec {shlex.quote(spec.python)} -m train.outcome "$JAMBA_OUTCOME" "${{rc:-0}}"')
     return "\n".join(lines) + "\n"
 
 
-def write_and_submit(script: str, path: str | Path, submit: bool) -> str | None:
-    """Write the script; with submit, `sbatch` it and return the job id."""
+def write_and_submit(script: str, path: str | Path, submit: bool, log_dir: str | Path) -> str | None:
+    """Write the script and create the folder of its log (Slurm does not: a job without it dies without a
+    word); with submit, `sbatch` it and return the job id."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
     p.write_text(script)
     p.chmod(0o755)
     if not submit:
@@ -207,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             env=parse_env(a.env),
             wandb_mode=a.wandb_mode,
         )
-        script = render_sbatch(spec, slurm_options(a, a.nodes, a.gpus_per_node))
+        opts = slurm_options(a, a.nodes, a.gpus_per_node)
+        script = render_sbatch(spec, opts)
         path = a.output or f"runs/slurm/{a.job_name}.sbatch"
-        job = write_and_submit(script, path, a.submit)
+        job = write_and_submit(script, path, a.submit, Path(opts.output).parent)
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -113,7 +113,7 @@ def test_torchrun_one_command_per_node():
         assert n.argv == [
             PY,
             "-m",
-            "torch.distributed.run",
+            "launch.torchrun",
             "--nproc_per_node=8",
             "--nnodes=2",
             f"--node_rank={rank}",

@@ -7,16 +7,22 @@ deepspeed --num_gpus 8 --module train model=bench
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-import warnings
-from pathlib import Path
+from .signals import STOP
 
-import hydra
-from omegaconf import DictConfig
+if __name__ == "__main__":  # first: a stop signal during start-up is a request to stop, not a crash
+    STOP.install()
 
-from .config import ConfigError, describe, env_rank, register, to_config
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from . import outcome  # noqa: E402
+from .config import ConfigError, describe, env_rank, register, to_config  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -34,9 +40,23 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
 
 def _config_error(msg: str) -> None:
     """A config error: one line, from rank 0 only (every rank finds the same), exit 2."""
-    if env_rank() == 0:
-        print(f"ConfigError: {msg}", file=sys.stderr, flush=True)
+    _fail(f"ConfigError: {msg}", every_rank_finds_it=True)
+
+
+def _fail(line: str, every_rank_finds_it: bool) -> None:
+    """One line for a failure, exit 2: from rank 0 when every rank finds the same error, else from the
+    first rank to record it (a data error may be one rank's alone; its peers then lose it and stay quiet)."""
+    first = outcome.write(outcome.FAILED, line) if not every_rank_finds_it or env_rank() == 0 else False
+    if first:
+        print(line, file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _stopped(line: str) -> None:
+    """A handled stop signal: rank 0 says where the run stopped; every rank exits 0."""
+    if env_rank() == 0:
+        log.warning("%s", line)
+        outcome.write(outcome.STOPPED, line)
 
 
 def check_overrides(argv: list[str]) -> None:
@@ -66,40 +86,62 @@ warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprec
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(dcfg: DictConfig) -> int:
+    from torch.distributed import DistError
+
     from data import DataError
 
-    from . import distributed
     from .checkpoint import CheckpointError
-    from .rundir import RunLock, RunLockError, buffer_log, record_job
-    from .signals import exit_with_launcher
+    from .rundir import RunLock, RunLockError
 
-    lock, buf = None, None
+    lock, phase = None, {"training": False}
     try:
         cfg = to_config(dcfg)  # every range check, before anything starts
-        exit_with_launcher()
+        if STOP.signalled and "LOCAL_RANK" not in os.environ:
+            return _stopped(f"stopped by {STOP.name()} during start-up: nothing was written")
         if env_rank() == 0:  # nothing of the run directory is touched before this
             lock = RunLock(cfg.run_dir).acquire()
-            buf = buffer_log()  # train.log is written once the run is known to start
-        dist = distributed.init(cfg.parallel)
-        from .trainer import Trainer
-
-        trainer = Trainer(cfg, dist)
-        try:
-            if dist.is_main:
-                record_job(Path(cfg.run_dir).absolute(), dcfg, buf)
-            trainer.fit()
-        finally:
-            trainer.close()
+            STOP.abort_hooks.append(lock.release)
+        train(cfg, dcfg, phase)
     except ConfigError as e:
         _config_error(str(e))
-    except (CheckpointError, DataError, RunLockError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        sys.exit(2)
+    except (CheckpointError, RunLockError) as e:
+        _fail(f"{type(e).__name__}: {e}", every_rank_finds_it=True)
+    except DataError as e:  # while training, a shard of one rank's may be the cause: that rank says it
+        _fail(f"DataError: {e}", every_rank_finds_it=not phase["training"])
+    except DistError as e:
+        # This rank lost a peer: when that peer recorded its error, the cause is said; stay quiet.
+        if not outcome.recorded():
+            log.error("rank %d lost contact with the other ranks: %s", env_rank(), str(e).splitlines()[0])
+        sys.exit(1)
     finally:
         if lock is not None:
             lock.release()
-    distributed.shutdown()
     return 0
+
+
+def train(cfg, dcfg: DictConfig, phase: dict) -> None:
+    """Start the ranks, agree on a stop asked during start-up, train; the job's record is written by rank 0
+    once the attempt is underway (its first step done), so a failed attempt changes no file of the run."""
+    from . import distributed
+    from .rundir import buffer_log, record_job
+    from .signals import exit_with_launcher
+    from .trainer import Trainer, stop_agreed
+
+    exit_with_launcher()
+    buf = buffer_log() if env_rank() == 0 else None
+    dist = distributed.init(cfg.parallel)
+    if stop_agreed(STOP, dist):  # a signal on any rank while they started
+        _stopped(f"stopped by {STOP.name()} during start-up: nothing was written")
+    else:
+        trainer = Trainer(cfg, dist, STOP)
+        phase["training"] = True
+        try:
+            trainer.fit(lambda: buf is None or record_job(Path(cfg.run_dir).absolute(), dcfg, buf))
+        finally:
+            trainer.close()
+        if line := trainer.stop_summary():
+            _stopped(line)
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -268,10 +268,11 @@ class TrainerConfig:
     deterministic: bool = False
 
     def validate(self) -> None:
+        _need(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
         _need(
-            self.max_steps >= 1 and self.grad_accum_steps >= 1,
-            "trainer.max_steps/grad_accum_steps",
-            "must be >= 1",
+            self.grad_accum_steps >= 1,
+            "trainer.grad_accum_steps",
+            f"must be >= 1, got {self.grad_accum_steps}",
         )
         _need(
             self.eval_interval >= 0 and self.eval_batches >= 0,
@@ -310,14 +311,14 @@ class Config:
             "needs a deterministic scan, but model.scan_backend=mamba_ssm (its backward sums with float "
             "atomics): use model.scan_backend=auto or triton",
         )
-        for section in (
+        for section in (  # the trainer first: schedule.total_steps is trainer.max_steps unless set
+            self.trainer,
             self.optim,
             self.schedule,
             self.parallel,
             self.logging,
             self.checkpoint,
             self.spikes,
-            self.trainer,
         ):
             section.validate()
 

@@ -58,6 +58,7 @@ class RunLock:
         self.me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.created = False
 
     def _read(self, path: Path) -> dict | None:
         try:
@@ -92,6 +93,7 @@ class RunLock:
         )
 
     def acquire(self) -> RunLock:
+        self.created = not self.path.parent.exists()  # by this attempt: removed again if left empty
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             try:
@@ -144,6 +146,22 @@ class RunLock:
             self._thread = None
         if self.held():
             self.path.unlink(missing_ok=True)
+            if self.created:
+                remove_if_empty(self.path.parent)
+
+
+def remove_if_empty(run_dir: Path) -> bool:
+    """Remove a run directory that holds nothing but empty files and folders (an attempt that failed or
+    stopped before its first step, in a directory it created); False when anything in it has content."""
+    files = [p for p in run_dir.rglob("*") if not p.is_dir()]
+    if any(p.is_symlink() or p.stat().st_size for p in files):
+        return False
+    for p in files:
+        p.unlink()
+    for d in sorted((p for p in run_dir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        d.rmdir()
+    run_dir.rmdir()
+    return True
 
 
 # ---- the job's record: Hydra's files and the log, written once the job is known to start --------------

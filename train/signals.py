@@ -1,9 +1,15 @@
 """Stopping a job: a signal asks, every rank agrees; and no rank outlives its launcher.
 
-A signal (SIGTERM, SIGUSR1: Slurm, launchers) may reach one rank only, or every rank at different moments.
-The handler only marks the request; the trainer puts `StopRequest.local()` into the step's statistics
-all-reduce and stops after the step when the reduced value (`agree`) says any rank asked, so all ranks
-stop at the same step, save the same checkpoint and exit.
+SIGINT (Ctrl-C), SIGTERM and SIGUSR1 (Slurm, launchers) mean the same: stop and keep the work. `STOP` is
+installed when the process starts (train/__main__.py), so a signal during start-up (model build, compile,
+checkpoint load) is kept too. The handler only marks the request: a signal may reach one rank only, or
+every rank at different moments, so the trainer puts `StopRequest.local()` into an all-reduce (before the
+first step, then in every step's statistics) and stops when the reduced value (`agree`) says any rank
+asked: all ranks stop at the same step, save the same checkpoint and exit 0.
+
+A second SIGINT aborts at once (exit 130): the abort hooks run (the run lock is released), nothing more is
+written; checkpoints are atomic, so `latest` stays on the newest complete one. A repeated SIGTERM does not
+abort (Slurm signals every process of a step, and torchrun passes the signal on as well).
 
 torchrun starts each rank in a session of its own, so `kill -9` of the launcher's process group leaves the
 ranks running. `exit_with_launcher` watches the parent process from a daemon thread and ends this rank when
@@ -15,23 +21,47 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
+from collections.abc import Callable
 
 log = logging.getLogger("train.signals")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+ABORT_EXIT = 130  # 128 + SIGINT, as a shell reports an interrupted command
 
 
 class StopRequest:
     def __init__(self) -> None:
-        self.signalled = 0  # the last signal received by this process, 0: none
+        self.signalled = 0  # the first signal received by this process, 0: none
+        self.interrupts = 0  # SIGINTs received
         self.stopping = False  # agreed by every rank
+        self.abort_hooks: list[Callable[[], None]] = []
 
-    def install(self) -> None:
+    def install(self) -> StopRequest:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        return self
 
     def _handle(self, signum, frame) -> None:
-        self.signalled = signum
+        self.signalled = self.signalled or signum
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                self.abort()
+
+    def abort(self) -> None:
+        """Exit now (a second Ctrl-C): release what must be released, write nothing else."""
+        for hook in self.abort_hooks:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001, S110 - exiting anyway; the lock is then stale and taken over
+                pass
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted twice: exiting without saving", file=sys.stderr, flush=True)
+        os._exit(ABORT_EXIT)
+
+    def name(self) -> str:
+        return signal.Signals(self.signalled).name if self.signalled else "a signal on another rank"
 
     def local(self) -> float:
         """This rank's vote for the step's all-reduce (1.0: a signal arrived)."""
@@ -41,6 +71,9 @@ class StopRequest:
         """The all-reduced sum of every rank's `local()`: the same on every rank, so is the decision."""
         self.stopping = self.stopping or reduced > 0
         return self.stopping
+
+
+STOP = StopRequest()  # this process's request: installed at start-up, read by the trainer
 
 
 def exit_with_launcher(poll_s: float = 1.0) -> threading.Thread | None:
@@ -53,6 +86,8 @@ def exit_with_launcher(poll_s: float = 1.0) -> threading.Thread | None:
         while not stop.wait(poll_s):
             if os.getppid() != parent:
                 log.error("the launcher (pid %d) is gone: rank %s exits", parent, os.environ.get("RANK", "?"))
+                for hook in STOP.abort_hooks:  # the run lock
+                    hook()
                 os._exit(1)
 
     t = threading.Thread(target=watch, name="watch-launcher", daemon=True)

@@ -11,6 +11,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from .build import (
     set_deterministic,
 )
 from .callbacks import default_callbacks
-from .checkpoint import Checkpointer, read_state
+from .checkpoint import Checkpointer, read_state, tag_for
 from .config import Config, SpikePolicy, to_container
 from .optim import lr_multiplier, optimizer_step, set_lr
 from .resume import check_compatible, find_checkpoint
@@ -43,9 +44,16 @@ from .throughput import flops_per_token, peak_flops
 log = logging.getLogger("train")
 
 
+def stop_agreed(stop: StopRequest, dist: D.Dist) -> bool:
+    """Collective: whether a stop signal reached any rank (outside the steps, which carry the vote)."""
+    vote = torch.tensor([stop.local()], dtype=torch.float64, device=dist.device)
+    return stop.agree(float(D.all_reduce_(vote)[0]))
+
+
 class Trainer:
-    def __init__(self, cfg: Config, dist: D.Dist) -> None:
+    def __init__(self, cfg: Config, dist: D.Dist, stop: StopRequest | None = None) -> None:
         self.cfg, self.dist = cfg, dist
+        self.stop = stop or StopRequest()  # train/__main__.py passes the one installed at start-up
         self.run_dir = Path(cfg.run_dir).absolute()
         torch.manual_seed(cfg.trainer.seed + dist.rank)
         self._was_deterministic = set_deterministic(cfg.trainer.deterministic)
@@ -78,8 +86,8 @@ class Trainer:
         self.spikes = SpikeDetector(cfg.spikes)
         self.step = self.samples = self.tokens = self.rollbacks = 0
         self.last_saved: int | None = None
+        self.on_underway: Callable[[], None] | None = None  # set by fit
         self.wandb_id = uuid.uuid4().hex[:8]
-        self.stop = StopRequest()
         if resume_from is None:
             log.info("starting a new run in %s", self.run_dir)
         else:
@@ -198,9 +206,11 @@ class Trainer:
         return StepEnd(step, stats, lr, gnorm, spike)
 
     # ---- the loop --------------------------------------------------------------------------------------------
-    def fit(self) -> None:
-        tc = self.cfg.trainer
-        self.stop.install()  # SIGTERM / SIGUSR1 (Slurm, launchers): every rank saves, then stops
+    def fit(self, on_underway: Callable[[], None] | None = None) -> None:
+        """Train to max_steps or an agreed stop; `on_underway` runs once this attempt's first step is done."""
+        tc, self.fit_from, self.on_underway = self.cfg.trainer, self.step, on_underway
+        if stop_agreed(self.stop, self.dist):  # a signal while the model was built or loaded: no step
+            return
         if self.step >= tc.max_steps:
             log.info("already at step %d of trainer.max_steps=%d: nothing to do", self.step, tc.max_steps)
             return
@@ -211,9 +221,20 @@ class Trainer:
             end = self.train_step()
             end.seconds = time.perf_counter() - t0
             self.callbacks.post_step(end)
-        if self.stop.stopping:
+        if self.stop.stopping and self.dist.is_main:
             log.warning("stop requested (a signal on some rank): saving step %d and exiting", self.step)
         self.callbacks.post_train()
+
+    def stop_summary(self) -> str | None:
+        """Where a stop signal left the run (None: no stop); after `fit`."""
+        if not self.stop.stopping:
+            return None
+        by, latest = f"stopped by {self.stop.name()}", self.checkpointer.latest()
+        if self.step == self.fit_from:
+            return f"{by} before training, at step {self.step}: nothing was written"
+        if latest is not None and latest.name == tag_for(self.step):
+            return f"{by} at step {self.step}: saved {latest}"
+        return f"{by} at step {self.step}: not saved (the newest complete checkpoint is {latest})"
 
     def close(self) -> None:
         self.metrics.close()

@@ -4,8 +4,9 @@ Every hook of every callback runs in the order of `priority`, highest first (as 
 
     Faults          100  injected failures (tests): die or signal before a step, scale or NaN its loss
     Profiler         90  logging.profile_step: records one step, writes the files after it
-    CheckpointCommit 80  commits the checkpoint every rank has written; pins host buffers after step 1
+    CheckpointCommit 80  commits the checkpoint every rank has written
     Spikes           70  accepts the loss into the statistics, or logs the spike event
+    FirstStep        65  after the job's first step: pins checkpoint host buffers, calls fit's on_underway
     TrainMetrics     60  train/, moe/, perf/, data/ metrics every logging.interval steps
     Rollback         50  policy rollback: restores the newest checkpoint (later callbacks skip the step)
     Eval             40  validation every trainer.eval_interval steps, and at the end
@@ -78,12 +79,12 @@ class Callbacks:
 
 
 def default_callbacks(trainer: Trainer) -> Callbacks:
-    from .checkpoints import CheckpointCommit, Checkpoints
+    from .checkpoints import CheckpointCommit, Checkpoints, FirstStep
     from .evaluation import Eval
     from .faults import Faults
     from .metrics import TrainMetrics
     from .profiling import Profiler
     from .spikes import Rollback, Spikes
 
-    kinds = (Faults, Profiler, CheckpointCommit, Spikes, TrainMetrics, Rollback, Eval, Checkpoints)
+    kinds = (Faults, Profiler, CheckpointCommit, Spikes, FirstStep, TrainMetrics, Rollback, Eval, Checkpoints)
     return Callbacks([k(trainer) for k in kinds])

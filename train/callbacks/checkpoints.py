@@ -12,17 +12,28 @@ class CheckpointCommit(Callback):
 
     priority = 80
 
-    def pre_train(self) -> None:
-        self.first = self.trainer.step + 1
-
     def post_step(self, end: StepEnd) -> None:
         t = self.trainer
         if (
             t.checkpointer.in_flight and int(end.stats.saved) == t.dist.world_size
         ):  # every rank's files are written
             t.metrics.log(t.step, t.checkpointer.commit(float(end.stats.saved_bytes)))
-        if end.step == self.first:  # the optimizer's states exist now
-            t.prepare_saves()
+
+
+class FirstStep(Callback):
+    """After this job's first step: the checkpoints' host buffers are pinned ahead (the optimizer's states
+    exist now), and the caller learns that the run is underway (`Trainer.fit(on_underway)`)."""
+
+    priority = 65
+
+    def pre_train(self) -> None:
+        self.first = self.trainer.step + 1
+
+    def post_step(self, end: StepEnd) -> None:
+        if end.step == self.first:
+            self.trainer.prepare_saves()
+            if self.trainer.on_underway is not None:
+                self.trainer.on_underway()
 
 
 class Checkpoints(Callback):
