@@ -17,14 +17,14 @@ class DataConfig:
     template is a shell command: it belongs in your own config, never in data or a checkpoint.
     """
 
-    path: str = "data_cache/stdlib"
+    path: str = "data_cache/stdlib"  # the prepared corpus: a directory, URL prefix or `pipe:` template
     # Several prepared corpora (one tokenizer) blended by sampling weight: [{path: ..., weight: ...}, ...].
     # Each row of a micro-batch reads corpus c with probability weight_c / sum(weights), deterministically;
     # `path` is then not read, and validation uses the first corpus's val split.
     mixture: list[MixtureEntry] = field(default_factory=list)
-    seq_len: int = 256
-    micro_batch_size: int = 4
-    seed: int = 1234
+    seq_len: int = 256  # tokens per training sequence
+    micro_batch_size: int = 4  # sequences per rank per micro-batch
+    seed: int = 1234  # data order (shuffles and stream assignment)
     # DataLoader worker processes per rank; 0 reads in the training process.
     num_workers: int = 0
     # Independent shard streams the train data is split into; 0 means min(train shards,
@@ -37,8 +37,8 @@ class DataConfig:
     shuffle: bool = True
     # Check every shard's size and sha256 against the manifest as it is read.
     verify_checksums: bool = True
-    prefetch_factor: int = 2
-    pin_memory: bool = False
+    prefetch_factor: int = 2  # batches each DataLoader worker reads ahead
+    pin_memory: bool = False  # page-locked host batches (faster copies to a GPU)
     # Seconds a DataLoader worker may take for one batch before the main process raises (no hangs).
     timeout_s: float = 600.0
     # The manifest fingerprint the corpus must have ("" = any): pins the corpus (and, with

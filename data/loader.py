@@ -265,11 +265,11 @@ class TokenLoader:
             )
         if sequences > per_rank * W * B:
             log.info(
-                "val: using %d of %d sequences so that all %d ranks get %d batches",
+                "val: %d batches%s (%d of %d sequences; the rest fill no whole batch)",
+                per_rank,
+                f" on each of {W} ranks" if W > 1 else "",
                 per_rank * W * B,
                 sequences,
-                W,
-                per_rank,
             )
         return per_rank
 

@@ -20,9 +20,20 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .errors import DataError
 from .manifest import MANIFEST, Manifest, load_manifest, write_manifest
+from .prepare_plan import (
+    DEFAULT_SHARD_MB,
+    FIT_SHARDS,
+    MIN_SHARDS,
+    ValSplit,
+    check_existing,
+    fitted_shard_bytes,
+    options,
+    pieces,
+)
 from .shards import ShardWriter
 from .sources import (
     DEFAULT_EXTS,
@@ -38,12 +49,15 @@ from .tokenizer import ByteTokenizer, HFTokenizer, token_dtype, train_bpe
 log = logging.getLogger("data.prepare")
 BUILTIN_PATH = "data_cache/stdlib"
 BUILTIN_SHARD_MB = 2.0  # ~30 shards, so up to ~30 (rank, worker) slots can share the small built-in corpus
-DEFAULT_SHARD_MB = 64.0  # the largest fitted shard size: inputs over ~1-2 GB get shards of this size
-FIT_SHARDS = 32  # the fitted size aims at this many train shards, so >= 16 even when the estimate is off
-MIN_FIT_SHARD_BYTES = 64 << 10
 FEW_SHARDS = 16
-SAMPLE_BYTES = 1 << 20
 MAX_EXAMPLES = 100
+SKIP_TEXT = {
+    "unreadable": "unreadable",
+    "non_utf8": "not UTF-8",
+    "bad_json": "bad JSON lines",
+    "empty": "empty",
+    "too_large": "over 256 MB",
+}
 
 
 def _make_tokenizer(
@@ -66,34 +80,6 @@ def _make_tokenizer(
         log.info("training a byte-level BPE with vocab %d on up to %.0f MB", vocab_size, bpe_sample_mb)
         return train_bpe(texts(), vocab_size)
     return HFTokenizer.from_file(spec, **specials)
-
-
-def fitted_shard_bytes(tok, units: list, text_field: str, total_bytes: int) -> int:
-    """A shard size that cuts the input into ~FIT_SHARDS train shards, between 64 KB and DEFAULT_SHARD_MB.
-
-    Output bytes are estimated from the input size and the tokens per input byte of a ~1 MB sample
-    (exact for the byte tokenizer: one token per UTF-8 byte); `.gz` inputs count by their compressed size.
-    """
-    itemsize = np.dtype(token_dtype(tok.vocab_size)).itemsize
-    cap = int(DEFAULT_SHARD_MB * (1 << 20))
-    tokens_per_byte = 1.0
-    if not isinstance(tok, ByteTokenizer) and total_bytes * itemsize // FIT_SHARDS < cap:
-        texts, seen = [], 0
-        for unit in units:
-            for t in read_unit(unit, text_field)[0]:
-                texts.append(t)
-                seen += len(t.encode("utf-8"))
-            if seen >= SAMPLE_BYTES:
-                break
-        if seen:
-            tokens_per_byte = sum(int(a.size) for a in tok.encode_batch(texts)) / seen
-    estimate = total_bytes * tokens_per_byte * itemsize
-    return int(min(cap, max(MIN_FIT_SHARD_BYTES, estimate / FIT_SHARDS)))
-
-
-def _is_val(index: int, fraction: float) -> bool:
-    """Every 1/fraction-th document goes to val: exact, spread evenly, stable for a fixed input."""
-    return int((index + 1) * fraction) > int(index * fraction)
 
 
 def prepare(
@@ -126,18 +112,18 @@ def prepare(
         raise ValueError("--output is required when inputs are given")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if (Path(output) / MANIFEST).exists() and not overwrite:
-        log.info("%s already holds a prepared corpus; pass --overwrite to rebuild it", output)
+    specials = {"bos": bos_token, "eos": eos_token, "pad": pad_token}
+    asked = options(
+        inputs, tokenizer, vocab_size, text_field, exts, shard_size_mb, val_fraction, max_files, specials
+    )
+    if not overwrite and check_existing(output, asked):
+        log.info("%s already holds this corpus (same options); --overwrite rebuilds it", output)
         return load_manifest(output).to_dict()
-    if Path(output).exists() and not overwrite:
-        raise DataError(
-            f"{output} exists but holds no {MANIFEST} (an interrupted run?); pass --overwrite or remove it"
-        )
     t0 = time.perf_counter()
-    files = builtin_corpus_files() if builtin else discover(list(inputs), exts)
+    ignored: Counter = Counter()
+    files = builtin_corpus_files() if builtin else discover(list(inputs), exts, ignored)
     files = files[:max_files] if max_files else files
     units = plan_units(files)
-    specials = {"bos": bos_token, "eos": eos_token, "pad": pad_token}
     tok = _make_tokenizer(tokenizer, files, vocab_size, text_field, bpe_sample_mb, specials)
     dtype = token_dtype(tok.vocab_size)
     tmp = Path(f"{output.rstrip('/')}.partial-{os.getpid()}")
@@ -147,11 +133,19 @@ def prepare(
     if tok_json is not None:
         (tmp / "tokenizer.json").write_text(tok_json)
     total = sum(max(u.end - u.start, 0) if u.end >= 0 else _size(u.path) for u in units)
+    small, estimated_tokens = False, 0.0
     if shard_size_mb or builtin:
         target = int((shard_size_mb or BUILTIN_SHARD_MB) * (1 << 20))
     else:
-        target = fitted_shard_bytes(tok, units, text_field, total)
-        log.info("shard size %.2f MB, fitted to %.1f MB of input", target / (1 << 20), total / 1e6)
+        target, small, estimated_tokens = fitted_shard_bytes(tok, units, text_field, total)
+        log.info(
+            "shard size %.3g MB, fitted to %.3g MB of input%s",
+            target / (1 << 20),
+            total / 1e6,
+            " (a small input: documents are cut into shard-sized pieces)" if small else "",
+        )
+    piece_tokens = max(1, target // np.dtype(dtype).itemsize) if small else 0
+    split_of = ValSplit(val_fraction, small, estimated_tokens)
     writers = {
         "train": ShardWriter(tmp, "train", target, dtype),
         "val": ShardWriter(tmp, "val", target, dtype),
@@ -163,14 +157,18 @@ def prepare(
         workers = 1 if isinstance(tok, ByteTokenizer) else os.cpu_count() or 1
     results = tokenize_units(units, min(workers, len(units)), tok_json, dtype, text_field)
     try:
-        with tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            desc=f"prepare {Path(output).name}",
-            disable=not progress,
-            file=sys.stderr,
-        ) as bar:
+        # warnings print above the bar, not through it
+        with (
+            logging_redirect_tqdm(loggers=[logging.getLogger()]),
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=f"prepare {Path(output).name}",
+                disable=not progress,
+                file=sys.stderr,
+            ) as bar,
+        ):
             for res in results:
                 for reason, detail in res.skips:
                     if strict and reason != "empty":
@@ -181,7 +179,8 @@ def prepare(
                     if reason != "empty" and counts[reason] <= 20:
                         log.warning("skipped (%s) %s", reason, detail)
                 for doc in res.docs:
-                    writers["val" if _is_val(n_docs, val_fraction) else "train"].add(doc)
+                    for piece in pieces(doc, piece_tokens) if small else [doc]:
+                        writers[split_of(int(piece.size))].add(piece)
                     n_docs += 1
                 n_bytes += res.nbytes
                 u = res.unit
@@ -192,7 +191,7 @@ def prepare(
                 f"no documents to train on: {len(files)} input files gave {n_docs} documents "
                 f"(skipped: {dict(counts) or 'none'}); check the inputs and --text-field"
             )
-        if len(splits["train"]) < FEW_SHARDS and not builtin:
+        if len(splits["train"]) < (MIN_SHARDS if small else FEW_SHARDS) and not builtin:
             log.warning(
                 "only %d train shards: at most %d (rank, worker) slots can read this corpus; "
                 "a smaller --shard-size-mb (now %.3g) makes more",
@@ -216,6 +215,9 @@ def prepare(
                 "text_field": text_field,
                 "val_fraction": val_fraction,
                 "shard_bytes": target,
+                "small_input_pieces": piece_tokens,  # 0: documents whole
+                "options": asked,
+                "not_searched": dict(ignored),  # files of other types in the input folders, by extension
             },
             skipped={r: {"count": counts[r], "examples": examples[r]} for r in SKIP_REASONS},
         )
@@ -225,9 +227,21 @@ def prepare(
         results.close()  # stops the tokenizer processes early on an error
         shutil.rmtree(tmp, ignore_errors=True)
     dt = time.perf_counter() - t0
+    if ignored:
+        log.info(
+            "skipped %d files in the input folders: %s (not searched; --ext adds an extension)",
+            sum(ignored.values()),
+            ", ".join(f"{n} {ext or '(no extension)'}" for ext, n in ignored.most_common()),
+        )
     if skipped := {r: counts[r] for r in SKIP_REASONS if counts[r]}:
         level = logging.WARNING if set(skipped) - {"empty"} else logging.INFO  # empty files are ordinary
-        log.log(level, "skipped inputs: %s (listed in %s)", skipped, Path(output) / MANIFEST)
+        log.log(
+            level,
+            "skipped %d inputs: %s (listed in %s)",
+            sum(skipped.values()),
+            ", ".join(f"{n} {SKIP_TEXT.get(r, r)}" for r, n in skipped.items()),
+            Path(output) / MANIFEST,
+        )
     log.info(
         "prepared %s: %d documents, %d tokens, %d train + %d val shards, %.1f MB in %.1f s (%.1f MB/s)",
         output,
@@ -296,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="tokenizer processes (default: CPU count; 1 for byte)")
     p.add_argument("--max-files", type=int, help="use only the first N input files (smoke tests)")
     p.add_argument("--strict", action="store_true", help="fail on any unreadable/non-UTF-8/bad-JSON input")
-    p.add_argument("--overwrite", action="store_true", help="rebuild an existing output")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output (needed when the options differ)"
+    )
     for name in ("bos", "eos", "pad"):
         p.add_argument(f"--{name}-token", help=f"{name.upper()} token of a tokenizer.json (auto-detected)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -19,6 +19,7 @@ import os
 import stat
 import sysconfig
 import zlib
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -74,13 +75,20 @@ def is_jsonl(path: str) -> bool:
     return _strip_gz(path).endswith(".jsonl")
 
 
-def discover(inputs: list[str], exts: tuple[str, ...] = DEFAULT_EXTS) -> list[str]:
-    """Files named by `inputs`: files as given, directories walked for `exts` (and their .gz), globs expanded."""
+def discover(
+    inputs: list[str], exts: tuple[str, ...] = DEFAULT_EXTS, ignored: Counter | None = None
+) -> list[str]:
+    """Files named by `inputs`: files as given, directories walked for `exts` (and their .gz), globs expanded.
+    `ignored` counts the other files of those directories by extension."""
     found: set[str] = set()
     for item in inputs:
         if os.path.isdir(item):
             for root, _dirs, names in os.walk(item):
-                found.update(os.path.join(root, n) for n in names if _strip_gz(n).endswith(exts))
+                for n in names:
+                    if _strip_gz(n).endswith(exts):
+                        found.add(os.path.join(root, n))
+                    elif ignored is not None:
+                        ignored[os.path.splitext(n)[1].lower()] += 1
         elif os.path.lexists(item):
             found.add(item)
         else:

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train.progress import progress
+
 KEYS = "abcdefghijklmnopqrstuvwxyz"
 VALUES = "0123456789"
 
@@ -91,21 +93,24 @@ def score(
     charset = KEYS + VALUES + cfg.pair_sep + cfg.kv_sep
     to_id = dict(zip(charset, _single_ids(tokenizer, charset), strict=True))
     out: dict = {}
-    for k in cfg.num_pairs:
-        prompts, answers = make_prompts(k, cfg.num_prompts, cfg.seed, cfg)
-        ids = torch.tensor([[tokenizer.eos_id] + [to_id[c] for c in p] for p in prompts], device=device)
-        target = torch.tensor([VALUES.index(a) for a in answers], device=device)
-        hits = free_hits = 0
-        logp = 0.0
-        for i in range(0, len(prompts), batch_size):
-            logits = model(ids[i : i + batch_size], return_logits=True).logits[:, -1].float()
-            t = target[i : i + batch_size]
-            restricted = torch.log_softmax(logits[:, value_ids], dim=-1)
-            hits += int((restricted.argmax(-1) == t).sum())
-            free_hits += int((logits.argmax(-1) == value_ids[t]).sum())
-            logp += float(restricted.gather(1, t[:, None]).sum())
-        n = len(prompts)
-        out[f"K={k}"] = {"acc": hits / n, "acc_free": free_hits / n, "logp": logp / n, "n": n}
+    batches = len(cfg.num_pairs) * -(-cfg.num_prompts // batch_size)
+    with progress("recall probe", total=batches, logger=logging.getLogger("launch.probe")) as tick:
+        for k in cfg.num_pairs:
+            prompts, answers = make_prompts(k, cfg.num_prompts, cfg.seed, cfg)
+            ids = torch.tensor([[tokenizer.eos_id] + [to_id[c] for c in p] for p in prompts], device=device)
+            target = torch.tensor([VALUES.index(a) for a in answers], device=device)
+            hits = free_hits = 0
+            logp = 0.0
+            for i in range(0, len(prompts), batch_size):
+                logits = model(ids[i : i + batch_size], return_logits=True).logits[:, -1].float()
+                t = target[i : i + batch_size]
+                restricted = torch.log_softmax(logits[:, value_ids], dim=-1)
+                hits += int((restricted.argmax(-1) == t).sum())
+                free_hits += int((logits.argmax(-1) == value_ids[t]).sum())
+                logp += float(restricted.gather(1, t[:, None]).sum())
+                tick()
+            n = len(prompts)
+            out[f"K={k}"] = {"acc": hits / n, "acc_free": free_hits / n, "logp": logp / n, "n": n}
     out["chance"] = chance()
     out["chance_logp"] = math.log(chance())
     return out
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", help="corpus whose tokenizer to use (default: the run's, if a local directory)")
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # progress lines
     cfg = ProbeConfig(num_pairs=tuple(int(x) for x in a.pairs.split(",")), num_prompts=a.prompts, seed=a.seed)
     for c in a.checkpoints:
         print(json.dumps(probe_checkpoint(c, cfg, a.device, a.data)))

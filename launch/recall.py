@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from data.errors import DataError
 from data.manifest import load_manifest, location
 from data.shards import read_shard
 from data.synthetic import answer_targets
+from train.progress import progress
 
 
 def val_examples(corpus: str) -> tuple[np.ndarray, dict]:
@@ -43,19 +45,22 @@ def score(model, examples: np.ndarray, tokenizer: dict, device="cpu", batch_size
     hits: dict[int, int] = {}
     answers: dict[int, int] = {}
     rows: dict[int, int] = {}
-    for i in range(0, len(examples), batch_size):
-        x = examples[i : i + batch_size]
-        mask = rule.mask(x[:, :-1], x[:, 1:])
-        with autocast:
-            logits = model(torch.from_numpy(x[:, :-1]).to(device), return_logits=True).logits
-        right = (logits.argmax(-1).cpu().numpy() == x[:, 1:]) & mask
-        for k, n_hit, n_ans in zip(rule.pairs(x), right.sum(-1), mask.sum(-1), strict=True):
-            k = int(k)
-            hits[k], answers[k], rows[k] = (
-                hits.get(k, 0) + n_hit,
-                answers.get(k, 0) + n_ans,
-                rows.get(k, 0) + 1,
-            )
+    total = -(-len(examples) // batch_size)
+    with progress("recall", total=total, logger=logging.getLogger("launch.recall")) as tick:
+        for i in range(0, len(examples), batch_size):
+            x = examples[i : i + batch_size]
+            mask = rule.mask(x[:, :-1], x[:, 1:])
+            with autocast:
+                logits = model(torch.from_numpy(x[:, :-1]).to(device), return_logits=True).logits
+            right = (logits.argmax(-1).cpu().numpy() == x[:, 1:]) & mask
+            for k, n_hit, n_ans in zip(rule.pairs(x), right.sum(-1), mask.sum(-1), strict=True):
+                k = int(k)
+                hits[k], answers[k], rows[k] = (
+                    hits.get(k, 0) + n_hit,
+                    answers.get(k, 0) + n_ans,
+                    rows.get(k, 0) + 1,
+                )
+            tick()
     out: dict = {
         f"K={k}": {
             "acc": int(hits[k]) / max(int(answers[k]), 1),
@@ -105,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="MQAR corpus (default: the run's data.path)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # progress lines
     try:
         for c in a.checkpoints:
             print(json.dumps(recall_checkpoint(c, a.data, a.device)))

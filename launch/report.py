@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from train.metrics import read_jsonl, read_wandb_file
 from .commands import NAME
 from .probe import ProbeConfig, chance
 from .report_plot import plot, plot_title
+
+log = logging.getLogger("launch.report")
 
 
 @dataclass
@@ -137,6 +140,7 @@ def probe_run(res: RunResult, cfg: ProbeConfig, device: str = "cpu", data: str |
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
             return cached["result"]
+    log.info("scoring recall of %s (%s)", res.run_dir.name, res.checkpoint.name)
     if mqar:
         from .recall import recall_checkpoint
 
@@ -345,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         "--data", help="probe: corpus whose tokenizer to use (default: each run's local data.path)"
     )
     a = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(message)s", stream=sys.stderr
+    )  # progress; the table: stdout
     sweep_dir = Path(a.sweep_dir)
     try:
         runs = find_runs(sweep_dir) if sweep_dir.is_dir() else []

@@ -138,7 +138,7 @@ def test_bad_inputs_are_skipped_counted_and_logged(tmp_path, caplog):
     assert any("dangling.txt" in e for e in man["skipped"]["unreadable"]["examples"])
     for name in ("latin1.txt", "dangling.txt", "broken.txt.gz", "records.jsonl"):
         assert name in caplog.text
-    assert "skipped inputs" in caplog.text
+    assert "skipped 8 inputs: 2 unreadable, 2 not UTF-8, 2 bad JSON lines, 2 empty" in caplog.text
     with pytest.raises(DataError, match="strict"):
         prepare([str(src)], str(tmp_path / "strict"), workers=1, progress=False, strict=True)
     assert not (tmp_path / "strict").exists() and not list(tmp_path.glob("strict.partial*"))

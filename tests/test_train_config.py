@@ -11,11 +11,11 @@ from train.config import (
     ConfigError,
     SpikePolicy,
     build_model_config,
-    describe,
     register,
     to_config,
     to_container,
 )
+from train.config_check import describe
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 register()

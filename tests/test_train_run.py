@@ -4,6 +4,7 @@ a save killed midway, exact resume, and bad input. One reference run is shared b
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -43,7 +44,14 @@ TWO_RANKS = [
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
-    run = run_train(run_dir, [*TWO_RANKS, "logging.wandb.mode=offline"], nproc=2, timeout=150)
+    # WANDB_SILENT off: the trainer's own W&B settings must keep its console quiet
+    run = run_train(
+        run_dir,
+        [*TWO_RANKS, "logging.wandb.mode=offline"],
+        nproc=2,
+        timeout=150,
+        env={"WANDB_SILENT": "false"},
+    )
     assert run.returncode == 0, run.output[-4000:]
     return run
 
@@ -213,3 +221,20 @@ def test_weights_only_resume_on_another_layout(reference, tmp_path):
     assert weights_only.returncode == 0, weights_only.output[-4000:]
     got, want = weights_only.losses(), reference.losses()
     assert list(got) == [3] and abs(got[3] - want[3]) <= 1e-5, (got, want[3])
+
+
+@pytest.mark.timeout(200)
+def test_console_shows_the_model_and_a_summary_without_noise(reference):
+    out = reference.output
+    assert "model debug (MME*ME): " in out and ", 2 ranks," in out
+    assert "layout MME*ME (4 layers: 3 mamba, 1 attention" in out and "  mixer M M * M" in out
+    assert re.search(
+        r"step 3 \| val loss [0-9.]+ \| val ppl [0-9.]+ \| .*2 batches x 2 ranks, [0-9,]+ tokens", out
+    )
+    assert "run test finished at step 6/6" in out and "wandb sync " in out and "val loss " in out
+    assert out.count("spike at step 5") == 1  # warnings once, from rank 0
+    for noise in ("untested optimizer", "wandb:", "1 ranks"):
+        assert noise not in out, noise
+    config = (reference.run_dir / "config.yaml").read_text()
+    assert "layer_pattern: MME*ME" in config and "hidden_size: 32" in config and "${" not in config
+    assert (reference.run_dir / "layout.txt").read_text().startswith("layout MME*ME (4 layers")

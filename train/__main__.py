@@ -22,7 +22,9 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from . import outcome  # noqa: E402
-from .config import ConfigError, describe, env_rank, register, to_config  # noqa: E402
+from .config import ConfigError, env_rank, register, to_config  # noqa: E402
+from .config_check import describe  # noqa: E402
+from .console import setup_console  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -94,6 +96,7 @@ def main(dcfg: DictConfig) -> int:
     from .rundir import RunLock, RunLockError
 
     lock, phase = None, {"training": False}
+    setup_console(env_rank())  # rank 0 speaks; warnings once; no DeepSpeed chatter
     try:
         cfg = to_config(dcfg)  # every range check, before anything starts
         if STOP.signalled and "LOCAL_RANK" not in os.environ:
@@ -146,5 +149,8 @@ def train(cfg, dcfg: DictConfig, phase: dict) -> None:
 
 if __name__ == "__main__":
     sys.argv = _strip_launcher_args(sys.argv)
+    from .show import handle_flags
+
+    handle_flags(sys.argv[1:])  # --cfg job, --help: print and exit
     check_overrides(sys.argv[1:])
     main()

@@ -192,7 +192,7 @@ def build_metrics(cfg: Config, dist: Dist, config: dict, model_cfg: JambaConfig,
     if not dist.is_main:
         return Metrics([])
     lc, run_dir = cfg.logging, Path(cfg.run_dir).absolute()
-    sinks: list = [ConsoleSink(cfg.trainer.max_steps)]
+    sinks: list = [ConsoleSink(cfg.trainer.max_steps, dist.world_size)]
     if lc.jsonl:
         sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
     if lc.wandb.mode != WandbMode.disabled:

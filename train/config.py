@@ -23,6 +23,8 @@ from data.config import DataConfig
 from jamba import JambaConfig, get_preset
 from jamba.config import CHECKPOINT_CHOICES
 
+from .config_check import unknown_keys
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
@@ -74,11 +76,11 @@ def build_model_config(model: Any, activation_checkpointing: str = "none") -> Ja
 class OptimConfig:
     """AdamW; no weight decay on norms, biases, A_log, D (see parallel/zero.py)."""
 
-    lr: float = 3e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    lr: float = 3e-4  # peak learning rate (the schedule scales it)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
+    weight_decay: float = 0.1  # decoupled weight decay (matrices and embeddings only)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
     def validate(self) -> None:
@@ -95,10 +97,12 @@ class Schedule(Enum):
 
 @dataclass
 class ScheduleConfig:
-    name: Schedule = Schedule.cosine
-    warmup_steps: int = 100
+    """The learning-rate schedule: a multiplier of optim.lr per optimizer step."""
+
+    name: Schedule = Schedule.cosine  # the schedule's shape
+    warmup_steps: int = 100  # linear warmup from 0 over these steps
     total_steps: int = "${trainer.max_steps}"  # type: ignore[assignment]  # the decay's end
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # the final LR as a fraction of optim.lr (cosine, wsd)
     decay_fraction: float = 0.2  # wsd only
 
     def validate(self) -> None:
@@ -164,15 +168,19 @@ class WandbMode(Enum):
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = WandbMode.offline
-    project: str = "jamba"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    """Weights & Biases: offline by default (no account), files under <run_dir>/wandb."""
+
+    mode: WandbMode = WandbMode.offline  # offline: `wandb sync` uploads later
+    project: str = "jamba"  # W&B project
+    entity: str | None = None  # W&B team or user (None: your default)
+    group: str | None = None  # W&B run group (sweeps set it)
+    tags: list[str] = field(default_factory=list)  # W&B run tags
 
 
 @dataclass
 class LoggingConfig:
+    """Metrics: the console line, <run_dir>/metrics.jsonl and W&B (rank 0)."""
+
     interval: int = 10  # steps between metric records (spike events are logged when they happen)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     jsonl: bool = True  # <run_dir>/metrics.jsonl
@@ -190,11 +198,13 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str = "${run_dir}/checkpoints"
+    """Atomic checkpoints, written in the background (train/checkpoint.py)."""
+
+    dir: str = "${run_dir}/checkpoints"  # where step_N folders and `latest` go
     interval: int = 500  # steps between checkpoints; 0: only the final one
     keep_last: int = 3  # newest checkpoints kept (>= 1)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
-    save_final: bool = True
+    save_final: bool = True  # a checkpoint at the last step
     # False: resume from the weights with fresh AdamW moments, e.g. on another number of ranks (DeepSpeed
     # cannot re-partition ZeRO-1/2 optimizer states); step, data position and schedule still carry over.
     load_optimizer_states: bool = True
@@ -219,12 +229,14 @@ class SpikePolicy(Enum):
 
 @dataclass
 class SpikeConfig:
-    policy: SpikePolicy = SpikePolicy.log
+    """Loss-spike detection and what a spike does (train/spikes.py)."""
+
+    policy: SpikePolicy = SpikePolicy.log  # what a detected spike does
     start_step: int = "${schedule.warmup_steps}"  # type: ignore[assignment]  # no verdicts before
     window: int = 50  # running statistics over the last `window` accepted step losses
-    min_history: int = 10
+    min_history: int = 10  # accepted steps before the first verdict
     sigmas: float = 6.0  # spike: loss > mean + max(sigmas * std, min_jump * mean)
-    min_jump: float = 0.1
+    min_jump: float = 0.1  # smallest relative jump that counts as a spike
     max_rollbacks: int = (
         3  # more than this many rollbacks in one run is an error (the data or LR is the cause)
     )
@@ -243,21 +255,23 @@ class FaultConfig:
     """Deliberate failures, to test and drill the recovery paths. Leave empty in real runs."""
 
     loss_spike_steps: list[int] = field(default_factory=list)  # multiply the loss by loss_spike_scale
-    loss_spike_scale: float = 10.0
+    loss_spike_scale: float = 10.0  # the factor of loss_spike_steps
     nan_loss_steps: list[int] = field(default_factory=list)  # make the loss NaN
     kill_during_save_step: int = 0  # SIGKILL this process while the checkpoint of this step is written
     # when: write (after the background writer's first file) | written (its files done, before the commit) |
     # state (rank 0: after trainer_state.json, before `latest`)
     kill_during_save_phase: str = "write"
     die_at_step: int = 0  # rank `die_rank` exits abruptly at the start of this step
-    die_rank: int = 0
+    die_rank: int = 0  # the rank that dies at die_at_step
     signal_at_step: int = 0  # rank `signal_rank` sends itself SIGTERM during this step (every rank must stop)
-    signal_rank: int = 0
+    signal_rank: int = 0  # the rank signalled at signal_at_step
 
 
 # ---- the run -----------------------------------------------------------------------------------------
 @dataclass
 class TrainerConfig:
+    """The loop: steps, accumulation, seed, evaluation."""
+
     max_steps: int = 1000  # optimizer steps
     grad_accum_steps: int = 1  # micro-batches per optimizer step and rank
     seed: int = 1234  # model init (same on every rank) and torch RNG (seed + rank)
@@ -283,6 +297,8 @@ class TrainerConfig:
 
 @dataclass
 class Config:
+    """Everything a run reads; `python -m train --help` lists it."""
+
     model: ModelConfig = field(default_factory=ModelConfig)  # type: ignore[valid-type]
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -293,7 +309,7 @@ class Config:
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    run_name: str = "${model.preset}"
+    run_name: str = "${model.preset}"  # the run folder's name under runs/ (a plain name)
     run_dir: str = "runs/${run_name}"  # the same on every rank: no timestamps (see docs/train.md)
     resume: str = "auto"  # auto: the newest complete checkpoint in checkpoint.dir, if any | never | <path>
 
@@ -339,24 +355,6 @@ class Config:
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
-def unknown_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> list[str]:
-    """Keys of `cfg` the schema lacks (Hydra's `+key=` adds them even to a structured config)."""
-    out, known = [], set(schema.keys())
-    for key in cfg.keys():
-        full = f"{prefix}{key}"
-        if key not in known:
-            out.append(full)
-            continue
-        node, snode = cfg._get_node(key), schema._get_node(key)
-        if (
-            isinstance(node, DictConfig)
-            and isinstance(snode, DictConfig)
-            and dataclasses.is_dataclass(OmegaConf.get_type(snode))
-        ):
-            out += unknown_keys(node, snode, full + ".")
-    return out
-
-
 def env_rank() -> int:
     """This process's global rank as the launcher set it (torchrun, deepspeed); 0 without a launcher."""
     return int(os.environ.get("RANK", "0"))
@@ -392,18 +390,3 @@ def to_config(cfg: DictConfig) -> Config:
 def to_container(cfg: Config) -> dict:
     """Plain JSON-able dict (enums as their names) for checkpoints, W&B and JSONL."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore
-
-
-def describe(e: BaseException) -> str:
-    """One line for a Hydra/OmegaConf composition error: the key, then what is wrong with it."""
-    cause = e.__cause__ if e.__cause__ is not None else e
-    key = getattr(cause, "full_key", None)
-    text = str(cause).split("Config search path")[0]
-    lines = [
-        ln.strip()
-        for ln in text.splitlines()
-        if ln.strip() and not ln.strip().startswith(("full_key:", "reference_type=", "object_type="))
-    ]
-    if key and cause is not e:
-        return f"{key}: {lines[0] if lines else type(cause).__name__} ({str(e).splitlines()[0]})"
-    return " ".join(lines) or type(e).__name__

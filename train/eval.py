@@ -23,6 +23,7 @@ from jamba import JambaConfig, JambaForCausalLM
 from jamba.hf_compat import load_hf_state_dict
 
 from .checkpoint import MODEL_CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_state, resolve
+from .progress import progress
 
 log = logging.getLogger("train.eval")
 
@@ -65,13 +66,15 @@ def run_data_path(state: dict, given: str | None) -> str:
 def evaluate(model: JambaForCausalLM, loader: TokenLoader, max_batches: int, device: torch.device) -> dict:
     total, n_tok, n_batches = 0.0, 0, 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for x, y in loader:
-        if max_batches and n_batches >= max_batches:
-            break
-        with autocast:
-            out = model(x.to(device), labels=y.to(device))
-        n = int((y != -100).sum())
-        total, n_tok, n_batches = total + float(out.lm_loss) * n, n_tok + n, n_batches + 1
+    with progress(f"evaluating {loader.split}", total=max_batches or None, logger=log) as tick:
+        for x, y in loader:
+            if max_batches and n_batches >= max_batches:
+                break
+            with autocast:
+                out = model(x.to(device), labels=y.to(device))
+            n = int((y != -100).sum())
+            total, n_tok, n_batches = total + float(out.lm_loss) * n, n_tok + n, n_batches + 1
+            tick()
     if n_tok == 0:
         raise DataError("the validation split gave no batches")
     loss = total / n_tok

@@ -74,8 +74,12 @@ class WandbSink:
             dir=str(run_dir),
             mode=cfg.mode.value,
             config=config,
-            settings=wandb.Settings(console="off", x_disable_stats=True),
+            # silent: no banner, sparklines or run summary on the console (~30 lines a run); the trainer's
+            # end-of-run summary names the W&B folder and how to upload it
+            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
         )
+        self.dir = Path(self.run.settings.sync_dir).absolute()
+        self.url = self.run.url if cfg.mode.value == "online" else None  # silent: the summary shows it
         # Steps go back after a rollback and repeat after a resume: plot against our step, not W&B's.
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
@@ -103,8 +107,8 @@ class WandbSink:
 class ConsoleSink:
     """One progress line per record; events as warnings."""
 
-    def __init__(self, max_steps: int) -> None:
-        self.max_steps = max_steps
+    def __init__(self, max_steps: int, world_size: int = 1) -> None:
+        self.max_steps, self.world_size = max_steps, world_size
 
     def log(self, record: dict) -> None:
         if "event" in record:
@@ -118,10 +122,11 @@ class ConsoleSink:
         if "train/loss" not in record:
             if "val/loss" in record:
                 log.info(
-                    "step %d | val loss %.4f | val ppl %.2f",
+                    "step %d | val loss %.4f | val ppl %.2f | %s",
                     record["step"],
                     record["val/loss"],
                     record["val/ppl"],
+                    val_sample(record, self.world_size),
                 )
             return
         parts = [
@@ -143,6 +148,19 @@ class ConsoleSink:
         pass
 
 
+def val_sample(record: dict, world_size: int) -> str:
+    """What a val loss was measured on, e.g. "4 batches x 2 ranks, 4,096 tokens" (a sample, unless the
+    whole split was read: `python -m train.eval` gives the whole split's loss)."""
+    batches, tokens = record.get("val/batches"), record.get("val/tokens")
+    if batches is None or tokens is None:
+        return "sample size unknown"
+    per_rank = (
+        f"{batches // world_size} batches x {world_size} ranks" if world_size > 1 else f"{batches} batches"
+    )
+    whole = "the whole val split: " if record.get("val/whole_split") else ""
+    return f"{whole}{per_rank}, {tokens:,} tokens"
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -159,8 +177,10 @@ class Metrics:
 
     def __init__(self, sinks: list) -> None:
         self.sinks = sinks
+        self.last: dict = {}  # the newest value of every key logged (the end-of-run summary reads it)
 
     def log(self, step: int, values: dict) -> None:
+        self.last.update({k: (step, v) for k, v in values.items()})
         self._emit({"step": step, "time": time.time(), **values})
 
     def event(self, name: str, step: int, **fields) -> None:

@@ -36,6 +36,7 @@ from .checkpoint import Checkpointer, read_state, tag_for
 from .config import Config, SpikePolicy, to_container
 from .optim import lr_multiplier, optimizer_step, set_lr
 from .resume import check_compatible, find_checkpoint
+from .show import log_layout, plural
 from .signals import StopRequest
 from .spikes import Spike, SpikeDetector, largest_layer_grad_norm
 from .step import StepEnd, StepStats, forward_backward
@@ -61,6 +62,7 @@ class Trainer:
         td = self.train_data
         ids = {"bos_token_id": td.bos_id, "eos_token_id": td.eos_id, "pad_token_id": td.pad_id}
         self.model_cfg, model = build_model(cfg, td.vocab_size, ids)
+        log_layout(self.model_cfg)
         log_kernels(model)
         self.param_shapes = {n: list(p.shape) for n, p in model.named_parameters()}
         self.moe_layers = [i for i, moe in enumerate(self.model_cfg.layers_is_moe) if moe]
@@ -81,6 +83,7 @@ class Trainer:
             )
         apply_parallelism(model, cfg, dist)
         maybe_compile(model, cfg, dist)
+        log.info("starting the DeepSpeed engine (%s)", plural(dist.world_size, "rank"))
         self.engine, self.optimizer = build_engine(model, cfg, dist, self.precision)
         self.checkpointer.install_safe_loading(self.engine)
         self.spikes = SpikeDetector(cfg.spikes)
@@ -93,18 +96,21 @@ class Trainer:
         else:
             self._resume(resume_from)
         self.train_iter = iter(self.train_data)
+        if cfg.logging.wandb.mode.value != "disabled":
+            log.info("starting W&B (%s)", cfg.logging.wandb.mode.value)
         self.metrics = build_metrics(cfg, dist, self.config, self.model_cfg, self.wandb_id)
         self.callbacks = default_callbacks(self)
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len, model)
         self.peak_flops = peak_flops(dist.device, cfg.logging.peak_tflops)
         n = sum(p.numel() for p in model.parameters())
         log.info(
-            "model %s: %.2fM parameters on this rank, %s, ZeRO-%d, %d ranks, global batch %d x %d tokens",
+            "model %s (%s): %.2fM parameters on this rank, %s, ZeRO-%d, %s, global batch %d x %d tokens",
             cfg.model.preset,
+            self.model_cfg.pattern,
             n / 1e6,
             self.precision,
             self.engine.zero_optimization_stage(),
-            dist.world_size,
+            plural(dist.world_size, "rank"),
             self.global_batch,
             cfg.data.seq_len,
         )

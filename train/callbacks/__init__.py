@@ -11,6 +11,7 @@ Every hook of every callback runs in the order of `priority`, highest first (as 
     Rollback         50  policy rollback: restores the newest checkpoint (later callbacks skip the step)
     Eval             40  validation every trainer.eval_interval steps, and at the end
     Checkpoints      30  saves every checkpoint.interval steps, and at the end; waits for the last
+    EndSummary        0  rank 0: the run's one-screen summary
 
 A callback reads and changes the trainer's state through `self.trainer`.
 """
@@ -85,6 +86,8 @@ def default_callbacks(trainer: Trainer) -> Callbacks:
     from .metrics import TrainMetrics
     from .profiling import Profiler
     from .spikes import Rollback, Spikes
+    from .summary import EndSummary
 
     kinds = (Faults, Profiler, CheckpointCommit, Spikes, FirstStep, TrainMetrics, Rollback, Eval, Checkpoints)
+    kinds += (EndSummary,)
     return Callbacks([k(trainer) for k in kinds])

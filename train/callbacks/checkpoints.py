@@ -3,6 +3,7 @@ checkpoint.interval and at the end. Writing happens in the background (train/che
 
 from __future__ import annotations
 
+from ..show import write_run_files
 from ..step import StepEnd
 from . import Callback
 
@@ -22,7 +23,8 @@ class CheckpointCommit(Callback):
 
 class FirstStep(Callback):
     """After this job's first step: the checkpoints' host buffers are pinned ahead (the optimizer's states
-    exist now), and the caller learns that the run is underway (`Trainer.fit(on_underway)`)."""
+    exist now); the run is underway: rank 0 keeps what it trains beside its log (config.yaml, layout.txt)
+    and the caller learns it (`Trainer.fit(on_underway)`: .hydra/ and train.log)."""
 
     priority = 65
 
@@ -30,10 +32,13 @@ class FirstStep(Callback):
         self.first = self.trainer.step + 1
 
     def post_step(self, end: StepEnd) -> None:
+        t = self.trainer
         if end.step == self.first:
-            self.trainer.prepare_saves()
-            if self.trainer.on_underway is not None:
-                self.trainer.on_underway()
+            t.prepare_saves()
+            if t.dist.is_main:
+                write_run_files(t.run_dir, t.config, t.model_cfg)
+            if t.on_underway is not None:
+                t.on_underway()
 
 
 class Checkpoints(Callback):

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .. import distributed as D
+from ..progress import progress
 from ..step import StepEnd
 from . import Callback
 
@@ -37,18 +38,30 @@ class Eval(Callback):
 
 @torch.no_grad()
 def evaluate(engine, val_data, device: torch.device, max_batches: int) -> dict:
-    """val/loss (the LM loss, averaged over tokens on every rank) and val/ppl; {} without validation data."""
+    """val/loss (the LM loss, averaged over tokens on every rank), val/ppl and what they were measured on;
+    {} without validation data."""
     if val_data is None:
         return {}
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    for i, (x, y) in enumerate(val_data):
-        if max_batches and i >= max_batches:
-            break
-        out = engine(x.to(device), labels=y.to(device))
-        n = float((y != -100).sum())
-        total += torch.tensor([float(out.lm_loss) * n, n], dtype=torch.float64)
+    total = torch.zeros(4, dtype=torch.float64)  # loss x tokens, tokens, batches, ranks that stopped early
+    with progress(
+        f"evaluating {'the whole val split' if not max_batches else f'{max_batches} batches'}"
+    ) as tick:
+        for i, (x, y) in enumerate(val_data):
+            if max_batches and i >= max_batches:
+                total[3] += 1
+                break
+            out = engine(x.to(device), labels=y.to(device))
+            n = float((y != -100).sum())
+            total += torch.tensor([float(out.lm_loss) * n, n, 1, 0], dtype=torch.float64)
+            tick()
     engine.train()
     D.all_reduce_(total)
     loss = float(total[0] / total[1].clamp(min=1))
-    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+    return {
+        "val/loss": loss,
+        "val/ppl": math.exp(min(loss, 50.0)),
+        "val/tokens": int(total[1]),
+        "val/batches": int(total[2]),  # over all ranks
+        "val/whole_split": int(total[3] == 0),  # every rank read its whole val share
+    }
