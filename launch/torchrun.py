@@ -17,6 +17,7 @@ save after a signal.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -66,6 +67,10 @@ def run(argv: list[str]) -> int:
     path = Path(os.environ.get(outcome.ENV) or tempfile.mkdtemp(prefix="jamba-") + "/outcome.json")
     os.environ[outcome.ENV] = str(path)
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_S)
+    # its per-rank failure and shutdown lines: the outcome says it in one (a crash still gets a line, below)
+    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     args = parse_args(["--signals-to-handle", SIGNALS, *argv])
     rc = 0
     try:

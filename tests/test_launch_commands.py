@@ -230,3 +230,30 @@ def test_entry_runs_train_as_main(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "max_steps: 3" in out.stdout
+
+
+def test_dry_run_validates_the_overrides_as_a_run_would(tmp_path, capsys):
+    argv = ["--gpus-per-node", "2", "--launcher", "deepspeed", "--launch-dir", str(tmp_path / "l"), "--dry-run"]
+    assert launch_run.main([*argv, "--", "optim.lrr=1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip().splitlines() == [
+        "ConfigError: optim.lrr: Key 'lrr' not in 'OptimConfig' (Could not override 'optim.lrr'.)"
+    ]
+    assert launch_run.main([*argv, "--", "trainer.max_steps=-5"]) == 2
+    assert capsys.readouterr().err.strip() == "ConfigError: trainer.max_steps: must be >= 1, got -5"
+    assert launch_run.main([*argv, "--", "trainer.max_steps=5"]) == 0
+    assert not (tmp_path / "l").exists()
+
+
+def test_the_slurm_log_folder_exists_before_submission(tmp_path, monkeypatch):
+    from launch import slurm
+
+    monkeypatch.chdir(tmp_path)  # sbatch resolves #SBATCH --output against the directory it runs in
+    a = launch_run.parser().parse_args(["--nodes", "1", "--gpus-per-node", "1", "--launcher", "slurm"])
+    s, _ = launch_run.build_spec(a)
+    plan = launch_run.make_plan(s, "slurm", tmp_path / "l", None, a)
+    plan.procs = [("submit", ["sh", "-c", "test -d runs/slurm"], {})]  # sbatch's view at submission
+    assert launch_run.execute(plan) == 0
+    shutil.rmtree(tmp_path / "runs")
+    assert slurm.main(["--nodes", "1", "--gpus-per-node", "1", "-o", str(tmp_path / "j.sbatch")]) == 0
+    assert (tmp_path / "runs" / "slurm").is_dir()

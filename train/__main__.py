@@ -50,7 +50,11 @@ def _fail(line: str, every_rank_finds_it: bool) -> None:
     first rank to record it (a data error may be one rank's alone; its peers then lose it and stay quiet)."""
     first = outcome.write(outcome.FAILED, line) if not every_rank_finds_it or env_rank() == 0 else False
     if first:
-        print(line, file=sys.stderr, flush=True)
+        for h in logging.getLogger().handlers:  # train.log, once the attempt was underway
+            if isinstance(h, logging.FileHandler):
+                h.emit(log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None))
+        if not outcome.recorded():  # else our launcher prints it, last
+            print(line, file=sys.stderr, flush=True)
     sys.exit(2)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -156,6 +157,7 @@ class Checkpointer:
         self.pending: dict | None = None  # the save in flight: written in the background, not committed yet
         self.writer = None
         self.stall_s = 0.0
+        self.no_room: str | None = None  # why the last save was skipped (disk space)
 
     def install_safe_loading(self, engine) -> None:
         """Our checkpoint engine for DeepSpeed: saves go to host copies for the background writer, loads
@@ -183,12 +185,13 @@ class Checkpointer:
 
     def start(
         self, engine, step: int, state: dict, weights: dict | None = None, consolidated: bool = True
-    ) -> Path:
+    ) -> Path | None:
         """Collective: every rank calls it with the same step. Copies the state to host memory (the only
         time training waits) and starts the background write; `commit` (when every rank's `written()`) or
         `wait` publish it. `state` (JSON-able, with "model_config") and `weights` (the consolidated model)
         are rank 0's; consolidated=False (the same on every rank): there are none, every expert-parallel
-        position writes its own experts. A save still in flight is finished first (one at a time)."""
+        position writes its own experts. A save still in flight is finished first (one at a time).
+        None, with one line, when the checkpoint does not fit in the free space of checkpoint.dir."""
         from .checkpoint_writer import Writer
 
         if self.pending is not None:
@@ -205,6 +208,8 @@ class Checkpointer:
                 shutil.rmtree(path)
         barrier()
         jobs, tensors = self._copy_state(engine, self.root, tag, weights, consolidated)
+        if not self._room_for(path, step):
+            return None
         from parallel.checkpoint import save_local_experts, save_portable
 
         if not consolidated:  # no consolidated weights: each EP position keeps its own experts
@@ -222,6 +227,41 @@ class Checkpointer:
         self.pending = {"tag": tag, "path": path, "state": state, "step": step, "kill": kill}
         self.stall_s = time.perf_counter() - t0
         return path
+
+    def _room_for(self, path: Path, step: int) -> bool:
+        """Collective: this save's bytes (every rank's host copy) fit in the free space of every rank's view
+        of checkpoint.dir; else one line, the partial directory removed, and False (training goes on)."""
+        from .checkpoint_writer import free_bytes, room_problem
+
+        def total(x: float) -> float:  # on the process group's device: NCCL reduces CUDA tensors only
+            return float(all_reduce_(torch.tensor([x], dtype=torch.float64, device=self.dist.device))[0])
+
+        need = total(float(self.snapshot.host.bytes))
+        why = room_problem(self.root, need, free_bytes(self.root), f"the checkpoint of step {step}")
+        if not total(float(why is not None)):
+            return True
+        self.snapshot.jobs = []
+        barrier()
+        self.no_room = why or "no room on another rank"
+        if self.dist.is_main:
+            shutil.rmtree(path, ignore_errors=True)
+            log.error("not saved: %s (the next interval tries again)", self.no_room)
+        return False
+
+    def check_room_ahead(self, plan: list) -> None:
+        """Rank 0, at start: whether keep_last checkpoints of the planned size (`plan`, this rank's tensors;
+        times the ranks) fit beside those already kept; one warning with the figures if not."""
+        from .checkpoint_writer import free_bytes, room_problem
+        from .checkpoint_writer import size as mb
+
+        if not self.dist.is_main:
+            return
+        size = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in plan) * self.dist.world_size
+        kept = sum(1 for _, p in _tags(self.root) if is_complete(p))
+        more = max(1, self.cfg.keep_last + 1 - kept)  # a save is written before the oldest is pruned
+        what = f"checkpoint.keep_last={self.cfg.keep_last} ({more} more checkpoints of {mb(size)} each)"
+        if why := room_problem(self.root, more * size, free_bytes(self.root), what):
+            log.warning("%s", why)
 
     @property
     def pins(self) -> bool:
@@ -274,11 +314,15 @@ class Checkpointer:
     def prepare(self, engine, weights: dict | None = None, consolidated: bool = True) -> None:
         """Collective, before the first save (the trainer: after its first step, once the optimizer's
         states exist): on a GPU, plan the save and pin its host buffers in a background thread, so the
-        first save stalls only for the copy, like every later one. Nothing on the CPU (no pinning)."""
+        first save stalls only for the copy, like every later one (no pinning on the CPU). Warns when
+        checkpoint.keep_last saves will not fit (check_room_ahead)."""
         host = self._snapshot_engine(engine).host
-        if not self.pins or host.buffers or host.preparing is not None:
+        if host.buffers or host.preparing is not None:
             return
-        host.prepare(self.plan(engine, weights, consolidated), self.dist.device)
+        plan = self.plan(engine, weights, consolidated)
+        self.check_room_ahead(plan)
+        if self.pins:
+            host.prepare(plan, self.dist.device)
 
     @property
     def in_flight(self) -> bool:

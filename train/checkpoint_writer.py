@@ -10,6 +10,7 @@ ZeRO's fp32 master partitions (equal to the fp32 module weights; a load refreshe
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import math
 import mmap
@@ -210,6 +211,7 @@ class Writer:
         self.error: BaseException | None = None
         self.write_s = 0.0
         self.bytes = 0
+        self.path: Path | None = None  # the file being written
 
     def start(self, jobs: list, kill_at: str | None = None) -> None:
         assert self.thread is None, "one save in flight at most"
@@ -223,6 +225,7 @@ class Writer:
         t0 = time.perf_counter()
         try:
             for i, (kind, path, payload) in enumerate(jobs):
+                self.path = path
                 self.bytes += write(kind, path, payload)
                 if kill_at == "write" and i == 0:
                     _kill("in the middle of the background write")
@@ -249,8 +252,10 @@ class Writer:
 
     def check(self) -> None:
         if self.error is not None:
+            from .checkpoint import CheckpointError
+
             e, self.error = self.error, None
-            raise RuntimeError(f"writing a checkpoint failed: {e}") from e
+            raise CheckpointError(f"writing a checkpoint failed: {write_cause(e, self.path)}") from e
 
     def reset(self) -> None:
         self.thread = None
@@ -259,3 +264,51 @@ class Writer:
 def _kill(where: str) -> None:
     log.warning("faults.kill_during_save_step: killing this process %s", where)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- disk space: foreseen before a save, named when a write fails ------------------------------------
+GB = 1e9
+LOW_SPACE = 64 << 20  # after a failed write, less free space than this: the disk was full
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes this user may still write in the filesystem of `path` (of its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize
+
+
+def size(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.2f} MB"
+
+
+def room_problem(root: Path, need: float, free: float, what: str) -> str | None:
+    """One line when `need` bytes (with a 2% margin) do not fit in `free`; None when they do."""
+    if need * 1.02 <= free:
+        return None
+    return (
+        f"{what} needs {size(need)}, {root} has {size(free)} free: lower checkpoint.keep_last, free space "
+        f"there, or set checkpoint.dir to a larger disk"
+    )
+
+
+def write_cause(e: BaseException, path: Path | None) -> str:
+    """What made a write fail, in words: the OS error (e.g. "No space left on device") where one is in the
+    chain; a full disk where the folder has next to no space left (torch.save's own message then is
+    "unexpected pos ..."); else the error itself. Names the file."""
+    where = f" ({path})" if path is not None else ""
+    err: BaseException | None = e
+    while err is not None:
+        if isinstance(err, OSError) and err.errno:
+            return f"{os.strerror(err.errno)}{where}"
+        err = err.__cause__ or err.__context__
+    if path is not None:
+        try:
+            free = free_bytes(path.parent)
+        except OSError:
+            free = None
+        if free is not None and free < LOW_SPACE:
+            return f"{os.strerror(errno.ENOSPC)}{where}: {free / 1e6:.0f} MB free"
+    return f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{where}"

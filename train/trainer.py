@@ -165,13 +165,15 @@ class Trainer:
             return
         weights = consolidated_state_dict(self.engine.module, self.cfg)
         mine = weights if self.dist.is_main else None  # None on every rank: experts saved per EP position
-        self.checkpointer.start(self.engine, self.step, self._state(), mine, consolidated=weights is not None)
-        self.last_saved = self.step
+        state = self._state()
+        if self.checkpointer.start(self.engine, self.step, state, mine, consolidated=weights is not None):
+            self.last_saved = self.step  # else no room: said, and the next interval tries again
 
     def prepare_saves(self) -> None:
-        """Collective, after this job's first step (the optimizer's states exist then): on a GPU, pin the
-        host buffers of the checkpoints in the background, so the first save does not wait for that."""
-        if not self.checkpointer.pins or not (self.cfg.checkpoint.interval or self.cfg.checkpoint.save_final):
+        """Collective, after this job's first step (the optimizer's states exist then): warn if keep_last
+        checkpoints will not fit on the disk; on a GPU, pin the host buffers of the checkpoints in the
+        background, so the first save does not wait for that."""
+        if not (self.cfg.checkpoint.interval or self.cfg.checkpoint.save_final):
             return
         weights = consolidated_state_dict(self.engine.module, self.cfg)
         mine = weights if self.dist.is_main else None

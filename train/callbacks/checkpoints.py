@@ -3,6 +3,7 @@ checkpoint.interval and at the end. Writing happens in the background (train/che
 
 from __future__ import annotations
 
+from ..checkpoint import CheckpointError
 from ..show import write_run_files
 from ..step import StepEnd
 from . import Callback
@@ -54,3 +55,5 @@ class Checkpoints(Callback):
         if t.cfg.checkpoint.save_final or t.stop.stopping:
             t.save()
         t.finish_save()
+        if t.cfg.checkpoint.save_final and t.last_saved != t.step and not t.stop.stopping:
+            raise CheckpointError(f"the final checkpoint was not saved: {t.checkpointer.no_room}")
