@@ -265,8 +265,9 @@ class TokenLoader:
             )
         if sequences > per_rank * W * B:
             log.info(
-                "val: %d batches%s (%d of %d sequences; the rest fill no whole batch)",
+                "val: %d batch%s%s (%d of %d sequences; the rest fill no whole batch)",
                 per_rank,
+                "" if per_rank == 1 else "es",
                 f" on each of {W} ranks" if W > 1 else "",
                 per_rank * W * B,
                 sequences,

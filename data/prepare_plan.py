@@ -25,9 +25,12 @@ MIN_SHARDS = 8  # (rank, worker) slots a small corpus must serve: 2 ranks x 4 wo
 SMALL_INPUT_BYTES = (
     16 * MIN_FIT_SHARD_BYTES
 )  # below (< 16 shards of 64 KB): shards of a few KB, documents cut
-MIN_SMALL_SHARD_BYTES = 1 << 10
+MIN_SMALL_SHARD_BYTES = 512  # 256 uint16 tokens: still whole sequences of the default 128-256
 SAMPLE_BYTES = 1 << 20
 SMALL_VAL_SHARE, SMALL_VAL_TOKENS = 0.1, 4096
+SMALL_VAL_BATCHES = (
+    2100  # tokens: a val micro-batch per rank for 2 ranks x 4 x 256 (up to a quarter of the corpus)
+)
 # Settings that decide a prepared corpus; a manifest records them under source.options.
 OPTION_FLAGS = {
     "inputs": "inputs",
@@ -144,12 +147,13 @@ def pieces(doc: np.ndarray, max_tokens: int) -> list[np.ndarray]:
 class ValSplit:
     """Which split each document goes to. Every 1/fraction-th document goes to val: exact, spread evenly,
     stable for a fixed input. A small corpus's first pieces go to val until it holds SMALL_VAL_SHARE of the
-    tokens (at most SMALL_VAL_TOKENS): a val split of at least one piece, enough for a micro-batch per rank
-    at the defaults (2 ranks x 4 x 256 tokens)."""
+    tokens, or SMALL_VAL_BATCHES tokens if that is more (up to a quarter of the corpus), at most
+    SMALL_VAL_TOKENS: a val split of at least one piece, with a micro-batch per rank at the defaults."""
 
     def __init__(self, fraction: float, small: bool, estimated_tokens: float) -> None:
         self.fraction, self.index, self.val_tokens = fraction, 0, 0
-        self.small_target = min(SMALL_VAL_TOKENS, SMALL_VAL_SHARE * estimated_tokens) if small else 0
+        want = max(SMALL_VAL_SHARE * estimated_tokens, min(SMALL_VAL_BATCHES, 0.25 * estimated_tokens))
+        self.small_target = min(SMALL_VAL_TOKENS, want) if small else 0
 
     def __call__(self, tokens: int) -> str:
         i, self.index = self.index, self.index + 1

@@ -130,7 +130,9 @@ def test_bad_inputs_are_skipped_counted_and_logged(tmp_path, caplog):
     ]
     (src / "records.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "\xff\xfe"}\n')
     with caplog.at_level(logging.WARNING, logger="data.prepare"):
-        man = prepare([str(src)], str(tmp_path / "out"), workers=1, progress=False, val_fraction=0)
+        man = prepare(
+            [str(src)], str(tmp_path / "out"), workers=1, progress=False, val_fraction=0, shard_size_mb=1
+        )
     skipped = {k: v["count"] for k, v in man["skipped"].items()}
     assert skipped == {"unreadable": 2, "non_utf8": 2, "bad_json": 2, "empty": 2, "too_large": 0}
     assert man["splits"]["train"]["documents"] == 12 + 1  # the corpus plus the one good JSON line

@@ -166,7 +166,9 @@ def test_shard_size_is_fitted_to_a_small_input(tmp_path, caplog):
     assert 64 << 10 <= man["source"]["shard_bytes"] < 1 << 20
     loader = TokenLoader(cfg(str(tmp_path / "out"), num_workers=4), rank=1, world_size=2)
     assert loader.state_dict()["num_streams"] == 8  # chosen from the shards there are
-    tiny = write_corpus(tmp_path / "tiny", n_docs=1)  # one short document: a warning that says what to do
+    tiny = write_corpus(
+        tmp_path / "tiny", n_docs=1, length=(5, 10)
+    )  # one short document: a warning saying what to do
     with caplog.at_level("WARNING", logger="data.prepare"):
         prepare([str(tiny)], str(tmp_path / "tiny-out"), progress=False, val_fraction=0)
     assert "only 1 train shards" in caplog.text and "--shard-size-mb" in caplog.text

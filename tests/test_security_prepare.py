@@ -32,7 +32,9 @@ def test_gzip_bombs_are_counted_too_large_skips(tmp_path, small_cap):
         f.write(b'{"text": "' + b"a" * (3 * small_cap) + b'"}\n')
         f.write(json.dumps({"text": "after"}).encode() + b"\n")
     assert (src / "bomb.txt.gz").stat().st_size < small_cap // 8
-    man = prepare([str(src)], str(tmp_path / "out"), workers=1, progress=False, val_fraction=0.0)
+    man = prepare(
+        [str(src)], str(tmp_path / "out"), workers=1, progress=False, val_fraction=0.0, shard_size_mb=1
+    )
     skipped = man["skipped"]["too_large"]
     assert skipped["count"] == 2
     assert any("bomb.txt.gz" in e for e in skipped["examples"])
@@ -43,7 +45,9 @@ def test_gzip_bombs_are_counted_too_large_skips(tmp_path, small_cap):
 def test_fifo_inputs_are_skipped_not_waited_for(tmp_path):
     src = write_corpus(tmp_path / "src", n_docs=8)
     os.mkfifo(src / "stuck.txt")  # no writer: a blocking open would wait forever
-    man = prepare([str(src)], str(tmp_path / "out"), workers=1, progress=False, val_fraction=0.0)
+    man = prepare(
+        [str(src)], str(tmp_path / "out"), workers=1, progress=False, val_fraction=0.0, shard_size_mb=1
+    )
     unreadable = man["skipped"]["unreadable"]
     assert unreadable["count"] == 1 and "is not a regular file" in unreadable["examples"][0]
     assert man["splits"]["train"]["documents"] == 8

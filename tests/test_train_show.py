@@ -97,6 +97,7 @@ def test_val_sample_size_is_named():
     rec = {"val/batches": 8, "val/tokens": 4096, "val/whole_split": 0}
     assert val_sample(rec, 2) == "4 batches x 2 ranks, 4,096 tokens"
     assert val_sample({**rec, "val/whole_split": 1}, 1) == "the whole val split: 8 batches, 4,096 tokens"
+    assert val_sample({**rec, "val/batches": 2}, 2) == "1 batch x 2 ranks, 4,096 tokens"
 
 
 def test_end_summary_names_losses_tokens_checkpoint_and_wandb(tmp_path):

@@ -154,9 +154,8 @@ def val_sample(record: dict, world_size: int) -> str:
     batches, tokens = record.get("val/batches"), record.get("val/tokens")
     if batches is None or tokens is None:
         return "sample size unknown"
-    per_rank = (
-        f"{batches // world_size} batches x {world_size} ranks" if world_size > 1 else f"{batches} batches"
-    )
+    n = batches // world_size if world_size > 1 else batches
+    per_rank = f"{n} batch{'' if n == 1 else 'es'}" + (f" x {world_size} ranks" if world_size > 1 else "")
     whole = "the whole val split: " if record.get("val/whole_split") else ""
     return f"{whole}{per_rank}, {tokens:,} tokens"
 
