@@ -224,6 +224,14 @@ BUGS = [
         ("tests/test_train_signals.py::test_sigterm_and_sigusr1_save_and_exit_zero",),
     ),
     Bug(
+        "clip_dropped_under_zero",
+        "gradient clipping dropped under ZeRO (DeepSpeed no longer clips: our optimizer must)",
+        "train/optim.py",
+        "with optimizer.update(skip=skip, max_norm=max_norm, norm=lambda: zero._global_grad_norm):",
+        "with optimizer.update(skip=skip, max_norm=0.0, norm=lambda: zero._global_grad_norm):",
+        ("tests/test_parallel_deepspeed.py::test_zero1_zero2_ep2_two_ranks_match_single_process",),
+    ),
+    Bug(
         "clip_dropped",
         "gradient clipping dropped on one rank (stage 0)",
         "train/optim.py",
