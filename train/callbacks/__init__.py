@@ -6,11 +6,13 @@ Every hook of every callback runs in the order of `priority`, highest first (as 
     Profiler         90  logging.profile_step: records one step, writes the files after it
     CheckpointCommit 80  commits the checkpoint every rank has written
     Spikes           70  accepts the loss into the statistics, or logs the spike event
-    FirstStep        65  after the job's first step: pins checkpoint host buffers, calls fit's on_underway
+    FirstStep        65  after the job's first step: pins checkpoint host buffers, writes config.yaml and
+                         layout.txt (rank 0), calls fit's on_underway (.hydra/, train.log)
     TrainMetrics     60  train/, moe/, perf/, data/ metrics every logging.interval steps
     Rollback         50  policy rollback: restores the newest checkpoint (later callbacks skip the step)
     Eval             40  validation every trainer.eval_interval steps, and at the end
-    Checkpoints      30  saves every checkpoint.interval steps, and at the end; waits for the last
+    Checkpoints      30  saves every checkpoint.interval steps, and at the end; waits for the last (a final
+                         save that found no room is an error)
     EndSummary        0  rank 0: the run's one-screen summary
 
 A callback reads and changes the trainer's state through `self.trainer`.
