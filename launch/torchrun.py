@@ -11,7 +11,7 @@ What it adds to torchrun (`make train`, `launch.run --launcher torchrun` and the
   follow within a second; the newest complete checkpoint stays `latest`);
 - a config, data or checkpoint error is the one line the failing rank wrote (train/outcome.py), last, and
   exit 2, without torchrun's `ChildFailedError` block.
-The ranks get a shutdown grace of TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (600 here, torchrun's is 30) to
+The ranks get a shutdown grace of TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (120 here, as Slurm gives; torchrun's is 30) to
 save after a signal.
 """
 
@@ -28,7 +28,7 @@ from train import outcome
 
 SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-SHUTDOWN_S = "600"
+SHUTDOWN_S = "120"
 
 
 def train_overrides(argv: list[str]) -> list[str] | None:

@@ -233,7 +233,15 @@ def test_entry_runs_train_as_main(tmp_path):
 
 
 def test_dry_run_validates_the_overrides_as_a_run_would(tmp_path, capsys):
-    argv = ["--gpus-per-node", "2", "--launcher", "deepspeed", "--launch-dir", str(tmp_path / "l"), "--dry-run"]
+    argv = [
+        "--gpus-per-node",
+        "2",
+        "--launcher",
+        "deepspeed",
+        "--launch-dir",
+        str(tmp_path / "l"),
+        "--dry-run",
+    ]
     assert launch_run.main([*argv, "--", "optim.lrr=1"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.strip().splitlines() == [

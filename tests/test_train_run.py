@@ -196,7 +196,7 @@ def test_bad_input_fails_clearly_and_loses_nothing(reference, tmp_path):
     assert other_model.returncode == 2, other_model.output[-3000:]
     assert "holds another model" in other_model.output and "hidden_size: 32 -> 48" in other_model.output
     assert sorted(p.name for p in ckpt.iterdir()) == before
-    assert not any((tmp_path / "a").iterdir())  # a failed start writes no .hydra/, train.log or lock
+    assert not (tmp_path / "a").exists()  # a failed start writes no .hydra/, train.log, lock or run folder
     no_data = run_train(tmp_path / "b", [*TINY, "data.path=/nonexistent/corpus"], timeout=100)
     assert (
         no_data.returncode == 2

@@ -58,6 +58,16 @@ def _fail(line: str, every_rank_finds_it: bool) -> None:
     sys.exit(2)
 
 
+# what a collective raises when another rank is gone (gloo raises a plain RuntimeError)
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator")
+
+
+def lost_peer(e: BaseException) -> bool:
+    from torch.distributed import DistError
+
+    return isinstance(e, DistError) or any(s in str(e) for s in LOST_PEER)
+
+
 def _stopped(line: str) -> None:
     """A handled stop signal: rank 0 says where the run stopped; every rank exits 0."""
     if env_rank() == 0:
@@ -115,7 +125,9 @@ def main(dcfg: DictConfig) -> int:
         _fail(f"{type(e).__name__}: {e}", every_rank_finds_it=True)
     except DataError as e:  # while training, a shard of one rank's may be the cause: that rank says it
         _fail(f"DataError: {e}", every_rank_finds_it=not phase["training"])
-    except DistError as e:
+    except (DistError, RuntimeError) as e:
+        if not lost_peer(e):
+            raise
         # This rank lost a peer: when that peer recorded its error, the cause is said; stay quiet.
         if not outcome.recorded():
             log.error("rank %d lost contact with the other ranks: %s", env_rank(), str(e).splitlines()[0])
@@ -131,8 +143,8 @@ def train(cfg, dcfg: DictConfig, phase: dict) -> None:
     once the attempt is underway (its first step done), so a failed attempt changes no file of the run."""
     from . import distributed
     from .rundir import buffer_log, record_job
-    from .signals import exit_with_launcher
-    from .trainer import Trainer, stop_agreed
+    from .signals import exit_with_launcher, stop_agreed
+    from .trainer import Trainer
 
     exit_with_launcher()
     buf = buffer_log() if env_rank() == 0 else None

@@ -20,7 +20,7 @@ from parallel.zero import deepspeed_config, effective_zero_stage, skip_single_ra
 
 from .config import Config, ConfigError, Precision, WandbMode, build_model_config
 from .distributed import Dist, barrier
-from .metrics import ConsoleSink, JsonlSink, Metrics, WandbSink
+from .metrics import ConsoleSink, DeferredSink, JsonlSink, Metrics, WandbSink
 from .optim import SkippableAdamW, build_optimizer
 
 log = logging.getLogger("train.build")
@@ -197,5 +197,5 @@ def build_metrics(cfg: Config, dist: Dist, config: dict, model_cfg: JambaConfig,
         sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
     if lc.wandb.mode != WandbMode.disabled:
         wb_config = {**config, "model_resolved": model_cfg.to_dict(), "world_size": dist.world_size}
-        sinks.append(WandbSink(lc.wandb, run_dir, cfg.run_name, wandb_id, wb_config))
+        sinks.append(DeferredSink(lambda: WandbSink(lc.wandb, run_dir, cfg.run_name, wandb_id, wb_config)))
     return Metrics(sinks)

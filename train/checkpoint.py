@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -64,6 +63,10 @@ def _tags(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
     return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _TAG.match(p.name)) and p.is_dir())
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    return [p for _, p in _tags(root) if is_complete(p)]
 
 
 def find_latest(root: str | Path) -> Path | None:
@@ -208,7 +211,9 @@ class Checkpointer:
                 shutil.rmtree(path)
         barrier()
         jobs, tensors = self._copy_state(engine, self.root, tag, weights, consolidated)
-        if not self._room_for(path, step):
+        from .checkpoint_writer import room_for_save
+
+        if not room_for_save(self, path, step):
             return None
         from parallel.checkpoint import save_local_experts, save_portable
 
@@ -227,41 +232,6 @@ class Checkpointer:
         self.pending = {"tag": tag, "path": path, "state": state, "step": step, "kill": kill}
         self.stall_s = time.perf_counter() - t0
         return path
-
-    def _room_for(self, path: Path, step: int) -> bool:
-        """Collective: this save's bytes (every rank's host copy) fit in the free space of every rank's view
-        of checkpoint.dir; else one line, the partial directory removed, and False (training goes on)."""
-        from .checkpoint_writer import free_bytes, room_problem
-
-        def total(x: float) -> float:  # on the process group's device: NCCL reduces CUDA tensors only
-            return float(all_reduce_(torch.tensor([x], dtype=torch.float64, device=self.dist.device))[0])
-
-        need = total(float(self.snapshot.host.bytes))
-        why = room_problem(self.root, need, free_bytes(self.root), f"the checkpoint of step {step}")
-        if not total(float(why is not None)):
-            return True
-        self.snapshot.jobs = []
-        barrier()
-        self.no_room = why or "no room on another rank"
-        if self.dist.is_main:
-            shutil.rmtree(path, ignore_errors=True)
-            log.error("not saved: %s (the next interval tries again)", self.no_room)
-        return False
-
-    def check_room_ahead(self, plan: list) -> None:
-        """Rank 0, at start: whether keep_last checkpoints of the planned size (`plan`, this rank's tensors;
-        times the ranks) fit beside those already kept; one warning with the figures if not."""
-        from .checkpoint_writer import free_bytes, room_problem
-        from .checkpoint_writer import size as mb
-
-        if not self.dist.is_main:
-            return
-        size = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in plan) * self.dist.world_size
-        kept = sum(1 for _, p in _tags(self.root) if is_complete(p))
-        more = max(1, self.cfg.keep_last + 1 - kept)  # a save is written before the oldest is pruned
-        what = f"checkpoint.keep_last={self.cfg.keep_last} ({more} more checkpoints of {mb(size)} each)"
-        if why := room_problem(self.root, more * size, free_bytes(self.root), what):
-            log.warning("%s", why)
 
     @property
     def pins(self) -> bool:
@@ -315,12 +285,14 @@ class Checkpointer:
         """Collective, before the first save (the trainer: after its first step, once the optimizer's
         states exist): on a GPU, plan the save and pin its host buffers in a background thread, so the
         first save stalls only for the copy, like every later one (no pinning on the CPU). Warns when
-        checkpoint.keep_last saves will not fit (check_room_ahead)."""
+        checkpoint.keep_last saves will not fit (checkpoint_writer.check_room_ahead)."""
         host = self._snapshot_engine(engine).host
         if host.buffers or host.preparing is not None:
             return
+        from .checkpoint_writer import check_room_ahead
+
         plan = self.plan(engine, weights, consolidated)
-        self.check_room_ahead(plan)
+        check_room_ahead(self, plan)
         if self.pins:
             host.prepare(plan, self.dist.device)
 

@@ -15,6 +15,7 @@ import logging
 import math
 import mmap
 import os
+import shutil
 import signal
 import threading
 import time
@@ -292,6 +293,42 @@ def room_problem(root: Path, need: float, free: float, what: str) -> str | None:
         f"{what} needs {size(need)}, {root} has {size(free)} free: lower checkpoint.keep_last, free space "
         f"there, or set checkpoint.dir to a larger disk"
     )
+
+
+def room_for_save(ck, path: Path, step: int) -> bool:
+    """Collective, in `Checkpointer.start` (ck) after the host copy: this save's bytes (every rank's copy) fit
+    in the free space of every rank's view of checkpoint.dir; else one line, the partial directory removed,
+    and False (training goes on; the next interval tries again)."""
+    from .distributed import all_reduce_, barrier
+
+    def total(x: float) -> float:  # on the process group's device: NCCL reduces CUDA tensors only
+        return float(all_reduce_(torch.tensor([x], dtype=torch.float64, device=ck.dist.device))[0])
+
+    need = total(float(ck.snapshot.host.bytes))
+    why = room_problem(ck.root, need, free_bytes(ck.root), f"the checkpoint of step {step}")
+    if not total(float(why is not None)):
+        return True
+    ck.snapshot.jobs = []
+    barrier()
+    ck.no_room = why or "no room on another rank"
+    if ck.dist.is_main:
+        shutil.rmtree(path, ignore_errors=True)
+        log.error("not saved: %s (the next interval tries again)", ck.no_room)
+    return False
+
+
+def check_room_ahead(ck, plan: list) -> None:
+    """Rank 0, at the first step: whether checkpoint.keep_last saves of the planned size (`plan`: this rank's
+    tensors, times the ranks) fit beside the complete ones already kept; one warning with the figures if not."""
+    from .checkpoint import complete_checkpoints
+
+    if not ck.dist.is_main:
+        return
+    each = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in plan) * ck.dist.world_size
+    more = max(1, ck.cfg.keep_last + 1 - len(complete_checkpoints(ck.root)))  # written before a prune
+    what = f"checkpoint.keep_last={ck.cfg.keep_last} ({more} more checkpoints of {size(each)} each)"
+    if why := room_problem(ck.root, more * each, free_bytes(ck.root), what):
+        log.warning("%s", why)
 
 
 def write_cause(e: BaseException, path: Path | None) -> str:

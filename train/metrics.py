@@ -104,6 +104,23 @@ class WandbSink:
         self.run.finish()
 
 
+class DeferredSink:
+    """A sink made on its first record (W&B's offline run folder): an attempt that fails before it logs
+    anything adds nothing to the run directory."""
+
+    def __init__(self, make) -> None:
+        self.make, self.sink = make, None
+
+    def log(self, record: dict) -> None:
+        if self.sink is None:
+            self.sink = self.make()
+        self.sink.log(record)
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+
+
 class ConsoleSink:
     """One progress line per record; events as warnings."""
 

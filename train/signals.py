@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger("train.signals")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -74,6 +75,28 @@ class StopRequest:
 
 
 STOP = StopRequest()  # this process's request: installed at start-up, read by the trainer
+
+
+def stop_agreed(stop: StopRequest, dist) -> bool:
+    """Collective: whether a stop signal reached any rank (outside the steps, whose all-reduce carries it)."""
+    import torch
+
+    from .distributed import all_reduce_
+
+    vote = torch.tensor([stop.local()], dtype=torch.float64, device=dist.device)
+    return stop.agree(float(all_reduce_(vote)[0]))
+
+
+def where_stopped(stop: StopRequest, step: int, started_at: int, latest: Path | None) -> str:
+    """The line a stopped run ends with: the step, and what was saved."""
+    from .checkpoint import tag_for
+
+    by = f"stopped by {stop.name()}"
+    if step == started_at:
+        return f"{by} before training, at step {step}: nothing was written"
+    if latest is not None and latest.name == tag_for(step):
+        return f"{by} at step {step}: saved {latest}"
+    return f"{by} at step {step}: not saved (the newest complete checkpoint is {latest})"
 
 
 def exit_with_launcher(poll_s: float = 1.0) -> threading.Thread | None:

@@ -32,23 +32,17 @@ from .build import (
     set_deterministic,
 )
 from .callbacks import default_callbacks
-from .checkpoint import Checkpointer, read_state, tag_for
+from .checkpoint import Checkpointer, read_state
 from .config import Config, SpikePolicy, to_container
 from .optim import lr_multiplier, optimizer_step, set_lr
 from .resume import check_compatible, find_checkpoint
 from .show import log_layout, plural
-from .signals import StopRequest
+from .signals import StopRequest, stop_agreed, where_stopped
 from .spikes import Spike, SpikeDetector, largest_layer_grad_norm
 from .step import StepEnd, StepStats, forward_backward
 from .throughput import flops_per_token, peak_flops
 
 log = logging.getLogger("train")
-
-
-def stop_agreed(stop: StopRequest, dist: D.Dist) -> bool:
-    """Collective: whether a stop signal reached any rank (outside the steps, which carry the vote)."""
-    vote = torch.tensor([stop.local()], dtype=torch.float64, device=dist.device)
-    return stop.agree(float(D.all_reduce_(vote)[0]))
 
 
 class Trainer:
@@ -237,12 +231,7 @@ class Trainer:
         """Where a stop signal left the run (None: no stop); after `fit`."""
         if not self.stop.stopping:
             return None
-        by, latest = f"stopped by {self.stop.name()}", self.checkpointer.latest()
-        if self.step == self.fit_from:
-            return f"{by} before training, at step {self.step}: nothing was written"
-        if latest is not None and latest.name == tag_for(self.step):
-            return f"{by} at step {self.step}: saved {latest}"
-        return f"{by} at step {self.step}: not saved (the newest complete checkpoint is {latest})"
+        return where_stopped(self.stop, self.step, self.fit_from, self.checkpointer.latest())
 
     def close(self) -> None:
         self.metrics.close()
