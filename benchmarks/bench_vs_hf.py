@@ -70,9 +70,7 @@ def ds_config(micro_batch: int, which: str) -> dict:
             zero_stage=stage,
             micro_batch_size=micro_batch,
             grad_accum_steps=1,
-            grad_clip=1.0
-            if stage
-            else 0.0,  # stage 0: clipped as the trainer does (run_one), not by DeepSpeed
+            grad_clip=0.0,  # clipped as the trainer does (run_one: optimizer_step), not by DeepSpeed
             precision="bf16",
             on_gpu=True,
         )
@@ -157,11 +155,12 @@ def run_one(name, cfg, batch, seq, steps, which, state_dict, ckpt, runtime=None)
         t = time.perf_counter()
         lm, loss = loss_fn(engine, batches[i % 2])
         engine.backward(loss)
-        if "ours" in flags(which) and not engine.zero_optimization():
-            from train.optim import clip_grad_norm_
+        if "ours" in flags(which) and "bf16" not in flags(which):  # the trainer's DeepSpeed config
+            from train.optim import optimizer_step
 
-            clip_grad_norm_(opt, model.parameters(), 1.0)  # as train/trainer.py on one rank
-        engine.step()
+            optimizer_step(engine, opt, skip=False, max_norm=1.0)  # as train/trainer.py
+        else:
+            engine.step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         if i == 0:

@@ -30,7 +30,9 @@ COMPILE_MODES = ("auto", "layers", "none")
 
 @dataclass
 class ParallelConfig:
-    zero_stage: int = 1  # DeepSpeed ZeRO over the data-parallel ranks: 1 (optimizer states) | 2 (and gradients)
+    zero_stage: int = (
+        1  # DeepSpeed ZeRO over the data-parallel ranks: 1 (optimizer states) | 2 (and gradients)
+    )
     expert_parallel_size: int = 1  # ranks that split each MoE layer's experts (parallel/expert_parallel.py)
     precision: str = "auto"  # auto: bf16 on a GPU, fp32 on CPU | bf16 (autocast, fp32 weights) | fp32
     activation_checkpointing: str = "none"  # none | full | a mixer (mamba, attention, mamba2) | moe

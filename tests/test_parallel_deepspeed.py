@@ -43,8 +43,11 @@ def reference(cfg, world: int, ep: int) -> tuple[dict, list[float]]:
     return model.state_dict(), norms
 
 
-def check_zero(stage: int, ep: int) -> None:
+def check_zero(stage: int, ep: int, ours: bool = False) -> None:
+    """ours: the trainer's update (train/optim.py optimizer_step: DeepSpeed does not clip, our AdamW divides
+    by ZeRO's norm) in place of DeepSpeed's clipping and torch's AdamW."""
     from parallel.deepspeed_moe import prepare_deepspeed_moe
+    from train.optim import SkippableAdamW, optimizer_step
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = tiny_cfg()
@@ -56,11 +59,11 @@ def check_zero(stage: int, ep: int) -> None:
     moe_ids = {id(p) for g in params if g.get("moe") for p in g["params"]}
     expert_ids = {id(p) for p in model.parameters() if getattr(p, "allreduce", True) is False}
     assert moe_ids == expert_ids and expert_ids  # exactly the expert params sit in DeepSpeed MoE groups
-    opt = torch.optim.AdamW(params, lr=LR)
+    opt = (SkippableAdamW if ours else torch.optim.AdamW)(params, lr=LR)
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": CLIP,
+        "gradient_clipping": 0.0 if ours else CLIP,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**6,
@@ -71,10 +74,14 @@ def check_zero(stage: int, ep: int) -> None:
     for s in range(STEPS):
         x, y = batch(rank + 100 * s)
         engine.backward(engine(x, labels=y).loss)
-        engine.step()
-        norms.append(float(engine.get_global_grad_norm()))
+        if ours:
+            norms.append(optimizer_step(engine, opt, skip=False, max_norm=CLIP))
+        else:
+            engine.step()
+            norms.append(float(engine.get_global_grad_norm()))
     got = gather_full_state_dict(engine.module, groups)
     want, want_norms = reference(cfg, world, ep)
+    assert max(want_norms) > CLIP  # the clipping is in what is compared
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(want_norms), rtol=1e-5, atol=1e-5)
     for k, v in want.items():
         torch.testing.assert_close(
@@ -85,6 +92,7 @@ def check_zero(stage: int, ep: int) -> None:
 def run_two_ranks() -> None:
     check_zero(1, 2)
     check_zero(2, 2)
+    check_zero(2, 2, ours=True)
 
 
 def run_four_ranks() -> None:

@@ -1,6 +1,6 @@
 """Values, not keys, on the paths a planted bug slipped through before (issue 25): the validation loss on
 several ranks (which data, how it is reduced), the model's state after an evaluation (dropout and
-activation checkpointing on), and the MoE load metrics of a known routing. The trainer's methods run on
+activation checkpointing on), and the MoE load metrics of a known routing. The trainer's parts run on
 a stand-in `self` (no DeepSpeed engine): the model or a fake with the engine's calls."""
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from jamba import JambaConfig, JambaForCausalLM
 from jamba.moe import SparseMoE
 from parallel.apply import set_activation_checkpointing
 from train.build import build_data
+from train.callbacks.evaluation import evaluate
+from train.callbacks.metrics import TrainMetrics
 from train.config import DataConfig, FaultConfig
 from train.distributed import Dist
-from train.signals import StopRequest
-from train.trainer import HEAD, Trainer
+from train.step import StepStats, forward_backward
 
 CPU = torch.device("cpu")
 
@@ -60,7 +61,7 @@ def _eval_two_ranks() -> None:
     rank = dist.get_rank()
     me = stand_in(rank, 2, eval_batches=3, engine=MeanOfInputs())
     me.val_data, me.train_data = rank_batches(rank, 4 + rank, "val"), rank_batches(rank, 4, "train")
-    got = Trainer.evaluate(me)
+    got = evaluate(me.engine, me.val_data, CPU, me.cfg.trainer.eval_batches)
     total = count = 0.0
     for r in (0, 1):  # by hand: every target token of both ranks' first 3 batches weighs the same
         for x, y in rank_batches(r, 4 + r, "val")[:3]:
@@ -133,7 +134,7 @@ def test_training_after_an_evaluation_is_the_training_of_a_model_never_evaluated
     evaluated, fresh = tiny_dropout_model(), tiny_dropout_model()
     x = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(3))
     val = [(x[:, :-1], x[:, 1:])]
-    got = Trainer.evaluate(stand_in(engine=evaluated, val_data=val, train_data=None))
+    got = evaluate(evaluated, val, CPU, 0)
     with torch.no_grad():  # by hand: the eval-mode loss (no dropout)
         fresh.eval()
         want = float(fresh(x[:, :-1], labels=x[:, 1:]).lm_loss)
@@ -207,15 +208,14 @@ def _moe_metrics_two_ranks() -> None:
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    me = stand_in(rank, 2, engine=RoutedEngine(rank), faulted_steps=set(), stop=StopRequest())
-    me.cfg.trainer.grad_accum_steps = 2
+    me = stand_in(rank, 2)
     me.moe_layers, me.model_cfg = [1, 3], SimpleNamespace(num_experts=E)
-    me.checkpointer = SimpleNamespace(written=lambda: False)
-    me.train_iter = iter([(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long))] * 2)
-    me._micro_loss = lambda out, step: out.loss
-    acc = Trainer._forward_backward(me, 1)
-    assert acc.shape == (HEAD + 2 + 2 * E,)
-    m = Trainer._moe_metrics(me, acc)
+    batches = iter([(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long))] * 2)
+    stats = StepStats.zeros(2, E, CPU)
+    forward_backward(RoutedEngine(rank), batches, 2, stats, CPU, micro_loss=lambda loss: loss)
+    stats = stats.reduce(2, 2)
+    assert stats.layer_aux.shape == (2,) and stats.tokens_per_expert.shape == (2, E)
+    m = TrainMetrics(me).moe_metrics(stats)
     for i, layer in enumerate((1, 3)):
         routes = [ROUTES[b][i] for b in range(4)]  # every micro-batch of both ranks
         slots = [e for batch in routes for r in batch for e in r]

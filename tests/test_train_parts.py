@@ -1,6 +1,7 @@
 """The trainer's parts in isolation: schedules, param groups, DeepSpeed config, spike detector, checkpoint
 bookkeeping (latest / prune / RNG), resume checks. In-process, no DeepSpeed engine."""
 
+import functools
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ from train.checkpoint_layout import STATE_FILE, STATE_VERSION, CheckpointError, 
 from train.checkpoint_load import safe_load
 from train.config import CheckpointConfig, Schedule, ScheduleConfig, SpikeConfig
 from train.distributed import Dist
-from train.optim import SkippableAdamW, clip_grad_norm_, lr_multiplier
+from train.optim import SkippableAdamW, clip_divisor, grad_norm, lr_multiplier
 from train.resume import check_compatible, find_checkpoint
 from train.rng import rng_state, set_rng_state
 from train.spikes import SpikeDetector
@@ -88,46 +89,59 @@ def test_skipped_step_changes_neither_weights_nor_moments():
     p.grad = torch.ones(3)
     opt.step()
     before, state = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
-    opt.skip = True
     p.grad = torch.full((3,), 100.0)
-    opt.step()
-    opt.step()  # ZeRO calls step once per param group
+    with opt.update(skip=True, max_norm=1.0, norm=173.2):
+        opt.step()
+        opt.step()  # ZeRO calls step once per param group
     assert torch.equal(p, before) and all(torch.equal(state[k], v) for k, v in opt.state[p].items())
+    opt.step()  # the options end with the block
+    assert not torch.equal(p, before)
 
 
+@pytest.mark.parametrize("on_device", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("max_norm", [0.0, 1.0, 1e6])
-def test_clipping_in_the_optimizer_step_equals_torch_clipping(fused, max_norm):
-    """clip_grad_norm_ leaves the factor to the next step (in the fused kernel, or a foreach divide): same
-    weights and moments as torch.nn.utils.clip_grad_norm_ then AdamW, the same pre-clip norm."""
+def test_clipping_in_the_optimizer_step_equals_torch_clipping(fused, max_norm, on_device):
+    """The update clips by the divisor of the norm it is given (a float read back, or ZeRO's tensor asked for
+    when the step runs), in the fused kernel or a foreach divide: the same weights and moments as
+    torch.nn.utils.clip_grad_norm_ then AdamW, for every param group stepped in the block."""
     torch.manual_seed(0)
     ref = [torch.nn.Parameter(torch.randn(n)) for n in (300, 7)]
     ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     o_ref = torch.optim.AdamW(ref, lr=0.1, fused=fused)
-    o_ours = SkippableAdamW(ours, lr=0.1, fused=fused)
+    o_ours = SkippableAdamW([{"params": [q]} for q in ours], lr=0.1, fused=fused)
+    groups = o_ours.param_groups
     for step in range(3):
         grads = [torch.randn_like(p) * (3.0 if step != 1 else 1e-3) for p in ref]
         for p, q, g in zip(ref, ours, grads, strict=True):
             p.grad, q.grad = g.clone(), g.clone()
+        norm = grad_norm(ours)
         want = float(torch.nn.utils.clip_grad_norm_(ref, max_norm if max_norm else float("inf")))
-        assert clip_grad_norm_(o_ours, ours, max_norm) == pytest.approx(want, rel=1e-6)
-        assert (o_ours.clip_divisor is not None) == (0 < max_norm < want)
+        assert norm == pytest.approx(want, rel=1e-6)
+        asked = []
+        given = functools.partial(_ask, asked, norm) if on_device else norm
+        with o_ours.update(skip=False, max_norm=max_norm, norm=given):
+            for g in groups:  # as ZeRO: one step per param group, the norm asked for once
+                o_ours.param_groups = [g]
+                o_ours.step()
+        o_ours.param_groups = groups
+        assert len(asked) == (on_device and max_norm > 0) and not hasattr(o_ours, "grad_scale")
         o_ref.step()
-        o_ours.step()
-        assert o_ours.clip_divisor is None and not hasattr(o_ours, "grad_scale")
         for p, q in zip(ref, ours, strict=True):
             torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(o_ours.state[q]["exp_avg_sq"], o_ref.state[p]["exp_avg_sq"])
 
 
-def test_clip_divisor_is_dropped_by_a_skipped_step():
-    p = torch.nn.Parameter(torch.ones(4))
-    opt = SkippableAdamW([p], lr=0.1)
-    p.grad = torch.full((4,), 10.0)
-    clip_grad_norm_(opt, [p], 1.0)
-    opt.skip = True
-    opt.step()
-    assert opt.clip_divisor is None and torch.equal(p.detach(), torch.ones(4))
+def _ask(asked: list, norm: float) -> torch.Tensor:
+    asked.append(1)
+    return torch.tensor(norm)
+
+
+def test_clip_divisor_follows_torch():
+    assert clip_divisor(0.5, 1.0) is None and clip_divisor(float("inf"), 1.0) is None
+    assert clip_divisor(3.0, 1.0) == pytest.approx(3.0 + 1e-6)
+    assert float(clip_divisor(torch.tensor(0.5), 1.0)) == 1.0
+    assert float(clip_divisor(torch.tensor(3.0), 2.0)) == pytest.approx((3.0 + 1e-6) / 2.0)
 
 
 def test_deepspeed_config():

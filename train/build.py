@@ -121,8 +121,9 @@ def log_kernels(model: JambaForCausalLM) -> None:
 
 
 def build_engine(model: nn.Module, cfg: Config, dist: Dist, precision: str):
-    """(DeepSpeed engine, our optimizer). The engine owns ZeRO partitioning, gradient accumulation and
-    clipping; the optimizer is the object whose param groups carry the LR and whose step can be skipped."""
+    """(DeepSpeed engine, our optimizer). The engine owns ZeRO partitioning and gradient accumulation; the
+    optimizer is the object whose param groups carry the LR and whose update is skipped or clipped by the
+    arguments of one call (train/optim.py optimizer_step)."""
     import deepspeed
 
     model.to(dist.device)
@@ -132,8 +133,7 @@ def build_engine(model: nn.Module, cfg: Config, dist: Dist, precision: str):
         zero_stage=stage,
         micro_batch_size=cfg.data.micro_batch_size,
         grad_accum_steps=cfg.trainer.grad_accum_steps,
-        # stage 0: the trainer clips (DeepSpeed would, but keeps no norm to log or check)
-        grad_clip=cfg.optim.grad_clip if stage else 0.0,
+        grad_clip=0.0,  # our optimizer clips, at every stage (train/optim.py optimizer_step)
         precision=precision,
         on_gpu=dist.device.type == "cuda",
     )

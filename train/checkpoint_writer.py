@@ -325,7 +325,9 @@ def check_room_ahead(ck, plan: list) -> None:
     if not ck.dist.is_main:
         return
     each = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in plan) * ck.dist.world_size
-    more = max(1, ck.cfg.keep_last + 1 - sum(1 for _, p in step_dirs(ck.root) if is_complete(p)))  # written before a prune
+    more = max(
+        1, ck.cfg.keep_last + 1 - sum(1 for _, p in step_dirs(ck.root) if is_complete(p))
+    )  # written before a prune
     what = f"checkpoint.keep_last={ck.cfg.keep_last} ({more} more checkpoints of {size(each)} each)"
     if why := room_problem(ck.root, more * each, free_bytes(ck.root), what):
         log.warning("%s", why)

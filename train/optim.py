@@ -1,4 +1,4 @@
-"""AdamW with a skip switch, and the learning-rate schedules (pure functions of the step).
+"""AdamW whose update is skipped or clipped by the arguments of one call, and the learning-rate schedules (pure functions of the step).
 
 The schedule keeps no state: the LR of step s is `lr * lr_multiplier(s, ...)`, set on the param groups
 before every update, so a resumed run follows it exactly and a changed `optim.lr` takes effect on resume.
@@ -6,7 +6,10 @@ before every update, so a resumed run follows it exactly and a changed `optim.lr
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,27 +19,50 @@ from parallel.zero import optimizer_param_groups
 from .config import OptimConfig, Schedule, ScheduleConfig
 
 
-class SkippableAdamW(torch.optim.AdamW):
-    """torch AdamW whose steps are no-ops while `skip` is set (spike policy `skip_batch`): no parameter
-    update, no moment update, no step count. DeepSpeed's ZeRO optimizer calls `step` once per param group
-    on the fp32 partitions and then copies them back, so the caller sets `skip` around one engine step and
-    clears it after. The decision must be the same on every rank (it is taken from all-reduced values)."""
+@dataclass(frozen=True)
+class Update:
+    """The options of one optimizer update (see SkippableAdamW.update)."""
 
-    skip: bool = False
-    clip_divisor: float | None = None  # set by clip_grad_norm_ below, consumed by the next step
+    skip: bool = False  # no update at all (spike policy skip_batch, non-finite values)
+    max_norm: float = 0.0  # clip the global gradient norm to this; 0: no clipping
+    norm: float | torch.Tensor | Callable[[], float | torch.Tensor] | None = None  # the norm, or who knows it
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """torch AdamW whose update takes its options as the arguments of one call: `with opt.update(skip=...,
+    max_norm=..., norm=...): engine.step()`. DeepSpeed calls our `step` inside engine.step() (ZeRO: once per
+    param group, on the fp32 partitions, then copies them back), so the options hold for the block and are
+    gone after it. Skipping: no parameter update, no moment update, no step count. The decision must be the
+    same on every rank (the trainer takes it from all-reduced values)."""
+
+    _update: Update = Update()
+    _divisor: float | torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def update(self, *, skip: bool, max_norm: float, norm) -> Iterator[None]:
+        """`norm`: the global gradient norm before clipping, or a callable returning it when the first
+        step of the block runs (ZeRO computes it inside engine.step())."""
+        self._update, self._divisor = Update(skip, max_norm, norm), None
+        try:
+            yield
+        finally:
+            self._update, self._divisor = Update(), None
 
     @torch.no_grad()
     def step(self, closure=None):
-        divisor, self.clip_divisor = self.clip_divisor, None
-        if self.skip:
+        u = self._update
+        if u.skip:
             return None
+        if u.max_norm > 0 and self._divisor is None:  # once per update: ZeRO steps once per param group
+            self._divisor = clip_divisor(u.norm() if callable(u.norm) else u.norm, u.max_norm)
+        divisor = self._divisor
         if divisor is None:
             return super().step(closure)
         if self.defaults.get("fused"):
             # the fused kernel divides every gradient by grad_scale as it reads it (AMP's GradScaler input):
             # clipping without a separate pass over the gradients
             device = self.param_groups[0]["params"][0].device
-            self.grad_scale = torch.tensor(divisor, dtype=torch.float32, device=device)
+            self.grad_scale = torch.as_tensor(divisor, dtype=torch.float32).to(device)
             try:
                 return super().step(closure)
             finally:
@@ -46,15 +72,41 @@ class SkippableAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def clip_grad_norm_(optimizer: SkippableAdamW, parameters, max_norm: float) -> float:
-    """The global gradient norm, read back (the trainer logs it and skips non-finite steps), and clipping to
-    max_norm as torch.nn.utils.clip_grad_norm_ does, left to the optimizer's next step: a fused optimizer
-    scales inside its kernel, which saves a read and a write of every gradient (20 GB of memory traffic a
-    step for the 2.47B `bench` model). max_norm 0 disables clipping. Unpartitioned optimizers only (ZeRO clips itself)."""
+def clip_divisor(norm: float | torch.Tensor, max_norm: float) -> float | torch.Tensor | None:
+    """What the gradients are divided by to clip their global norm to max_norm, as torch.nn.utils.
+    clip_grad_norm_ does (grads * max_norm / (norm + 1e-6) where that is below 1); None: no clipping. A norm
+    on the device (ZeRO's) gives a divisor there, clamped at 1, read by no host sync."""
+    if isinstance(norm, torch.Tensor):
+        return torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)
+    if math.isfinite(norm) and norm + 1e-6 > max_norm:
+        return (norm + 1e-6) / max_norm
+    return None
+
+
+def grad_norm(parameters) -> float:
+    """The global gradient norm of unpartitioned gradients, read back (the trainer logs it and skips non-
+    finite steps). No expert parallelism where it is used (one rank), so torch's norm is the whole norm."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    norm = float(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else 0.0
-    if max_norm > 0 and math.isfinite(norm) and norm + 1e-6 > max_norm:
-        optimizer.clip_divisor = (norm + 1e-6) / max_norm  # torch: grads * max_norm / (norm + 1e-6)
+    return float(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else 0.0
+
+
+def optimizer_step(engine, optimizer: SkippableAdamW, *, skip: bool, max_norm: float) -> float:
+    """The update at the end of a step; returns the global gradient norm before clipping (inf/nan: no update
+    was made). One clipping path: DeepSpeed never clips (gradient_clipping 0); our step divides the
+    gradients (in the fused kernel where there is one, which saves a read and a write of every gradient:
+    20 GB of memory traffic a step for the 2.47B `bench` model). The norm: ZeRO computes it over its
+    partitions inside engine.step(), before it calls our step; else it is taken here."""
+    if engine.zero_optimization():
+        zero = engine.optimizer
+        zero.clip_grad = 0.0  # DeepSpeed's load restores it: a checkpoint of before this path holds >0
+        with optimizer.update(skip=skip, max_norm=max_norm, norm=lambda: zero._global_grad_norm):
+            engine.step()  # inf/nan gradients: ZeRO skips the update and reports an infinite norm
+        norm = engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+    norm = grad_norm(engine.module.parameters())
+    skip = skip or not math.isfinite(norm)  # as ZeRO does: no update from inf/nan gradients
+    with optimizer.update(skip=skip, max_norm=max_norm, norm=norm):
+        engine.step()
     return norm
 
 

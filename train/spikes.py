@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,6 +20,16 @@ from .config import SpikeConfig
 KIND_CODES = {"loss": 0, "nonfinite_loss": 1, "nonfinite_grad": 2}
 ACTION_CODES = {"applied": 0, "skipped": 1, "rolled_back": 2}
 POLICY_CODES = {"log": 0, "skip_batch": 1, "rollback": 2}
+
+
+@dataclass
+class Spike:
+    """A step judged a spike (callbacks/spikes.py applies the policy)."""
+
+    kind: str  # a key of KIND_CODES
+    threshold: float | None
+    skipped: bool  # the update was not applied
+    layer: tuple[str, float] | None = None  # the layer with the largest gradient norm, and that norm
 
 
 class SpikeDetector:

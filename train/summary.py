@@ -33,7 +33,8 @@ def summary_lines(trainer, elapsed_s: float, start_step: int) -> list[str]:
             f"              python -m train.eval {trainer.checkpointer.root}  (loss on the whole val split)"
         )
     out.append(f"  logs        {trainer.run_dir / 'train.log'}, config.yaml, layout.txt, metrics.jsonl")
-    wandb = next((s for s in trainer.metrics.sinks if isinstance(s, WandbSink)), None)
+    sinks = [getattr(s, "sink", s) for s in trainer.metrics.sinks]  # a DeferredSink holds the W&B one
+    wandb = next((s for s in sinks if isinstance(s, WandbSink)), None)
     if wandb is not None:
         if getattr(wandb, "url", None):
             out.append(f"  W&B         {wandb.url}")
