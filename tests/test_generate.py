@@ -6,6 +6,7 @@ import torch
 
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.generation import Sampling, generate, sample_next
+from jamba.runtime import Runtime
 
 VOCAB = 97
 
@@ -19,7 +20,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def hybrid(**kw) -> JambaForCausalLM:
+def hybrid(runtime: Runtime | None = None, **kw) -> JambaForCausalLM:
     """Mamba, Mamba+MoE, attention, Mamba, attention+MoE, Mamba+MoE; weights large enough that every layer
     moves the logits (a cache bug shows far above 1e-5)."""
     cfg = JambaConfig(
@@ -35,12 +36,13 @@ def hybrid(**kw) -> JambaForCausalLM:
         initializer_range=0.1,
         **kw,
     )
-    return JambaForCausalLM(cfg, seed=0).eval()
+    return JambaForCausalLM(cfg, seed=0, runtime=runtime).eval()
 
 
 @pytest.mark.parametrize("use_rope", [False, True])
 def test_cached_logits_equal_the_full_forward(use_rope):
-    model = hybrid(use_rope=use_rope, scan_block_size=4)  # the 5-token prompt's scan spans two blocks
+    # the 5-token prompt's scan spans two blocks
+    model = hybrid(use_rope=use_rope, runtime=Runtime(scan_block_size=4))
     ids = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids).logits
