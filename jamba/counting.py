@@ -12,8 +12,9 @@ Conventions (see docs/model.md):
     Attention scores + values: 4 * seq_len * (heads * head_dim) per layer per token, halved for causal
     masking by default (`causal=False` gives PaLM's convention: training total = 6N + 12 * L * H * T).
     Selective scan: SCAN_FLOPS_PER_STATE per (d_inner x d_state) element per token (Mamba-2:
-    SSD_FLOPS_PER_STATE per (d_inner x mamba2_d_state)). Each mixer's figures are its entry in jamba/layers.py. Training = 3 x forward
-    (backward = 2 x forward); no activation-recomputation FLOPs are counted (MFU, not HFU).
+    SSD_FLOPS_PER_STATE per (d_inner x mamba2_d_state), on the recurrence). Each mixer's figures are its
+    entry in jamba/layers.py. Training = 3 x forward (backward = 2 x forward); no activation-recomputation
+    FLOPs are counted (MFU, not HFU).
 """
 
 from __future__ import annotations

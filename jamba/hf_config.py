@@ -142,8 +142,8 @@ def config_to_hf(cfg: JambaConfig, use_mamba_kernels: bool | None = None) -> dic
             )
     d = {"model_type": "jamba", "architectures": [HF_ARCHITECTURE]}
     d.update({k: getattr(cfg, k) for k in SHARED_FIELDS})
-    if cfg.layer_pattern is not None or None in [d[k] for k in _PERIODS]:
-        periods = periods_from_pattern(cfg.pattern)  # the periods given, if any, are not the layout
+    if cfg.layer_pattern is not None:  # the layout; the period fields beside it are None or stale
+        periods = periods_from_pattern(cfg.pattern)
         if periods is None:
             raise ValueError(
                 f"config_to_hf: layer_pattern {cfg.pattern!r} is not periodic; transformers' JambaConfig "

@@ -106,12 +106,20 @@ _PER_RUN = ("run_name", "run_dir", "logging.wandb.tags")
 
 
 def assign_groups(results: list[RunResult], sweep: dict) -> None:
-    """Group runs by layout (sweep.json's ratio + MoE) and record each run's axis values: the overrides
+    """Group runs by layout (sweep.json's ratio + MoE + mixer) and record each run's axis values: the overrides
     that differ between the runs of its group (e.g. optim.lr), by their last key part."""
     plan = {v["name"]: v for v in sweep.get("variants", [])}
     for r in results:
         v = plan.get(r.name)
-        r.group = f"{v['ratio'].replace(':', 'to')}-{'moe' if v['moe'] else 'dense'}" if v else r.name
+        mixer = (
+            v.get("mixer", "mamba") if v else "mamba"
+        )  # the sweep's --mixers (named only when not Mamba-1)
+        r.group = (
+            f"{v['ratio'].replace(':', 'to')}-{'moe' if v['moe'] else 'dense'}"
+            + (f"-{mixer}" if mixer != "mamba" and v["ratio"] != "attn" else "")
+            if v
+            else r.name
+        )
         r.overrides = list(v["overrides"]) if v else []
     for g in dict.fromkeys(r.group for r in results):
         members = [r for r in results if r.group == g]

@@ -10,6 +10,14 @@ if TYPE_CHECKING:
     from .run_results import RunResult
 
 
+def _colour_key(group: str) -> str:
+    """One colour per ratio and non-attention mixer ('1to7', '1to7-mamba2'); MoE and dense share it."""
+    from jamba.layers import MIXER_NAMES
+
+    first, *rest = group.split("-")
+    return "-".join([first, *(p for p in rest if p in MIXER_NAMES and p != "mamba")])
+
+
 def plot_title(sweep_dir: Path, sweep: dict) -> str:
     if not sweep:
         return f"runs in {sweep_dir}"
@@ -36,7 +44,7 @@ def plot(results: list[RunResult], path: Path, title: str = "") -> dict:
     ks = recall_keys(shown)
     with_recall = bool(ks)
     fig, axes = plt.subplots(1, 3 if with_recall else 2, figsize=(13 if with_recall else 9.5, 4.6), dpi=80)
-    ratios = list(dict.fromkeys(r.group.split("-")[0] for r in shown))
+    ratios = list(dict.fromkeys(_colour_key(r.group) for r in shown))
     colours = {ratio: plt.get_cmap("tab10")(i) for i, ratio in enumerate(ratios)}
     drawn: dict[str, dict] = {}
     mixed = len({r.moe for r in shown}) > 1
@@ -44,7 +52,7 @@ def plot(results: list[RunResult], path: Path, title: str = "") -> dict:
     for r in shown:
         label = r.group + (f" ({axis_label(r)})" if r.axis else "") if has_axis(results) else r.name
         dashed = r.moe is False and mixed  # dense dashed when the sweep has MoE runs too
-        style = dict(color=colours[r.group.split("-")[0]], linestyle="--" if dashed else "-", linewidth=1.4)
+        style = dict(color=colours[_colour_key(r.group)], linestyle="--" if dashed else "-", linewidth=1.4)
         drawn[label] = {}
         if r.train:
             xs = [rec.get("train/tokens", rec["step"]) / 1e3 for rec in r.train]

@@ -138,3 +138,18 @@ def test_mamba_ssm_ssd_kernel_matches_chunked_reference_gpu():
     ref, _ = ssd_chunked(x, F.softplus(dt_raw + dt_bias), A, B, C, chunk=32)
     ref = ref + x * D[:, None]
     assert (y - ref).abs().max() / ref.abs().max() < 1e-3
+
+
+def test_planner_knows_mamba2_layers():
+    from jamba import get_preset
+    from parallel.memory import activation_bytes
+    from parallel.memory import count_params as built_counts
+
+    base = get_preset("debug")
+    cfg = base.replace(layer_pattern=base.pattern.replace("M", "S"))
+    assert built_counts(cfg).total == count_params(cfg)["total"]  # the model on meta == the registry's figure
+    none = activation_bytes(cfg, 1, 512, "none", 2)
+    assert activation_bytes(cfg, 1, 512, "mamba", 2) == none  # no Mamba-1 layer left to recompute
+    assert activation_bytes(cfg, 1, 512, "mamba2", 2) < none
+    # a Mamba-2 layer keeps more per token than Mamba-1 here (its d_state 128 B and C through the conv)
+    assert none > activation_bytes(base, 1, 512, "none", 2)

@@ -40,6 +40,17 @@ def results():
     return res
 
 
+def test_mamba1_and_mamba2_hybrids_are_separate_layouts():
+    runs = [
+        _run(n, "1:7", "1e-3", (2.0, 1.5), (0.9, 0.7))
+        for n in ("1to7-dense", "1to7-dense-mamba2", "attn-dense")
+    ]
+    runs[1][1]["mixer"], runs[2][1]["ratio"], runs[2][1]["mixer"] = "mamba2", "attn", "mamba2"
+    res = [r for r, _ in runs]
+    report.assign_groups(res, {"name": "s", "variants": [p for _, p in runs]})
+    assert [r.group for r in res] == ["1to7-dense", "1to7-dense-mamba2", "attn-dense"]
+
+
 def _row(md, first_cell):
     line = next(line for line in md.splitlines() if line.startswith(f"| {first_cell} |"))
     return [c.strip() for c in line.strip("|").split("|")]
