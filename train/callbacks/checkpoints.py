@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..checkpoint_layout import CheckpointError
 from ..show import write_run_files
 from ..step import StepEnd
-from . import Callback
+from .base import Callback
 
 
 class CheckpointCommit(Callback):

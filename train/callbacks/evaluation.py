@@ -10,7 +10,7 @@ from .. import distributed as D
 from ..eval import loss_sums
 from ..progress import progress
 from ..step import StepEnd
-from . import Callback
+from .base import Callback
 
 
 class Eval(Callback):

@@ -9,7 +9,7 @@ import signal
 import torch
 
 from ..step import StepEnd
-from . import Callback
+from .base import Callback
 
 log = logging.getLogger("train")
 

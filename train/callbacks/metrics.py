@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..step import StepEnd, StepStats
 from ..throughput import memory_gb
-from . import Callback
+from .base import Callback
 
 
 class TrainMetrics(Callback):

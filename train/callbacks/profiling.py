@@ -6,7 +6,7 @@ import contextlib
 
 from ..profiling import profile_step
 from ..step import StepEnd
-from . import Callback
+from .base import Callback
 
 
 class Profiler(Callback):

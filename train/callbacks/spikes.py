@@ -9,7 +9,7 @@ from ..checkpoint_layout import read_state
 from ..config import SpikePolicy
 from ..spikes import ACTION_CODES, KIND_CODES, POLICY_CODES
 from ..step import StepEnd
-from . import Callback
+from .base import Callback
 
 log = logging.getLogger("train")
 

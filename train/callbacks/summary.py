@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..summary import end_summary
-from . import Callback
+from .base import Callback
 
 
 class EndSummary(Callback):
