@@ -43,9 +43,9 @@ def deepspeed_group_name(ep_size: int) -> str:
 class AllToAllDispatcher:
     """`SparseMoE.dispatcher` for experts spread over an EP group (dropless, variable splits)."""
 
-    def __init__(self, group, ep_size: int, num_experts: int) -> None:
-        self.group, self.ep_size, self.num_experts = group, ep_size, num_experts
-        self.num_local = num_experts // ep_size
+    def __init__(self, group, ep: EPPosition, num_experts: int) -> None:
+        self.group, self.ep_size, self.num_experts = group, ep.size, num_experts
+        self.num_local = ep.num_local(num_experts)
 
     def __call__(
         self, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor, experts: Experts
@@ -147,7 +147,7 @@ def apply_expert_parallel(model: nn.Module, topo: Topology, stats_scope: str = "
                 new.group_name = deepspeed_group_name(ep.size)
                 setattr(experts, pname, new)
             experts.num_experts = El
-            moe.dispatcher = AllToAllDispatcher(topo.ep_group, ep.size, E)
+            moe.dispatcher = AllToAllDispatcher(topo.ep_group, ep, E)
         if ep.size > 1 or stats_scope == "world":
             moe.reduce_stats = StatsReducer(stats_group)
 

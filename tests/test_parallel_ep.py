@@ -165,7 +165,7 @@ def _dispatch_compare(groups, x_full, idx_full, w_full, rows, tol) -> None:
         mine.down_proj.copy_(full.down_proj[sl])
     lo, hi = sum(rows[:rank]), sum(rows[: rank + 1])
     xl = x_full[lo:hi].clone().requires_grad_()
-    y = AllToAllDispatcher(groups.ep_group, groups.ep.size, 4)(xl, idx_full[lo:hi], w_full[lo:hi], mine)
+    y = AllToAllDispatcher(groups.ep_group, groups.ep, 4)(xl, idx_full[lo:hi], w_full[lo:hi], mine)
     y.pow(2).sum().backward()
     torch.testing.assert_close(y, y_ref[lo:hi], **tol)
     torch.testing.assert_close(xl.grad, xf.grad[lo:hi], **tol)
