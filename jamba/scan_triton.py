@@ -1,5 +1,5 @@
 """Mamba-1 selective scan in Triton: the shared helpers and the forward kernels (the backward's are in
-jamba/scan_triton_bwd2.py, the default, and jamba/scan_triton_bwd.py; the reference is
+jamba/scan_triton_bwd2.py and jamba/scan_triton_bwd.py; the reference is
 jamba.scan.selective_scan_ref).
 
 Design (docs/model.md, "Selective scan kernels"):
