@@ -1,5 +1,6 @@
 """Mamba-1 selective scan in Triton: the shared helpers and the forward kernels (the backward's are in
-jamba/scan_triton_bwd.py; the reference is jamba.scan.selective_scan_ref).
+jamba/scan_triton_bwd2.py and jamba/scan_triton_bwd.py; the reference is
+jamba.scan.selective_scan_ref).
 
 Design (docs/model.md, "Selective scan kernels"):
 - One program per (batch, block of channels); its states are an [N, channels] fp32 tensor in registers and it
@@ -11,9 +12,11 @@ Design (docs/model.md, "Selective scan kernels"):
   level (24 SHFL per 8-step chunk at sm_90, `python benchmarks/scan_sass.py`). 64 channels a program (all 16
   states of 2 channels a lane, no shuffles, 1.5x fewer instructions per state-step) measured slower on an
   H200: 4x fewer programs hide less latency (benchmarks/results/2026-12-02-h200-session6.md).
-- The backward (BD = 16 channels) keeps [BD, T] tiles and Triton's layout of [N, BD] states over the lanes
-  (8 lanes x 2 states, 4 lanes x 4 channels), which balances its two kinds of reductions: over the states
-  (y, du, d_delta) and over the channels (dB, dC).
+- The backward, layout 2 (jamba/scan_triton_bwd2.py, BD = 32 channels, T = 2): a lane holds 4 consecutive
+  states of 4 channels (4 lanes over the states, 8 over the channels), so both kinds of reductions, over the
+  states (y, du, d_delta) and over the channels (dB, dC), are mostly in-thread FMAs, and no step converts a
+  layout through shared memory. Layout 1 (jamba/scan_triton_bwd.py, `ScanTiling.bwd=1`, BD = 16, T = 4):
+  [BD, T] tiles and 8 lanes x 2 states, 4 lanes x 4 channels.
 - The forward saves only the state at the start of every K-step segment ([b, L/K, N, d] fp32), and with
   ScanTiling.save_y y before the gate (else the backward sums h * C again for dz).
 - The backward walks segments backwards: it recomputes the segment's T-step chunk-start states (to a small
