@@ -124,12 +124,9 @@ def resolve_backends(
     ValueError naming why."""
     rt.validate()
     kern = rt.use_kernels
-    try:
-        scan_name = scan.resolve_scan_backend(
-            rt.scan_backend if kern or rt.scan_backend != "auto" else "torch", device_type
-        )
-    except ValueError as e:  # jamba/scan.py names the field as it was before the runtime group
-        raise ValueError(str(e).replace("model.scan_backend", "runtime.scan_backend")) from None
+    scan_name = scan.resolve_scan_backend(
+        rt.scan_backend if kern or rt.scan_backend != "auto" else "torch", device_type
+    )
     conv = _conv(rt.conv_backend, device_type, kern)
     notes: list[str] = []
     experts = "loop"

@@ -73,7 +73,7 @@ def resolve_scan_backend(name: str, device_type: str) -> str:
         return next(b for b in AUTO_CUDA_ORDER if scan_backend_problem(b, device_type) is None)
     problem = scan_backend_problem(name, device_type)
     if problem:
-        raise ValueError(f"model.scan_backend={name}: {problem}")
+        raise ValueError(f"runtime.scan_backend={name}: {problem}")
     return name
 
 

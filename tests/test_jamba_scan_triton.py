@@ -167,7 +167,7 @@ def test_triton_scan_mixer_compiles_fullgraph(tiling):
 def test_scan_backend_choice():
     assert resolve_scan_backend("auto", "cpu") == "torch"
     assert resolve_scan_backend("torch", "cpu") == "torch"
-    with pytest.raises(ValueError, match="model.scan_backend=mamba_ssm: mamba_ssm needs"):
+    with pytest.raises(ValueError, match="runtime.scan_backend=mamba_ssm: mamba_ssm needs"):
         resolve_scan_backend("mamba_ssm", "cpu")
     with pytest.raises(ValueError, match="unknown scan backend"):
         resolve_scan_backend("cuda", "cpu")
