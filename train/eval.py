@@ -13,36 +13,18 @@ import json
 import logging
 import math
 import sys
-from pathlib import Path
 
 import torch
 
 from data import DataConfig, DataError, TokenLoader
 from data.manifest import is_local
-from jamba import JambaConfig, JambaForCausalLM
-from jamba.hf_compat import load_hf_state_dict
+from jamba import JambaForCausalLM
 
-from .checkpoint_layout import MODEL_CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_state, resolve
+from .checkpoint_layout import CheckpointError, read_state, resolve
 from .progress import progress
+from .weights import load_model  # noqa: F401 - this module's interface (probe, recall, tests)
 
 log = logging.getLogger("train.eval")
-
-
-def load_model(ckpt: Path, device: torch.device) -> JambaForCausalLM:
-    weights, config = ckpt / WEIGHTS_FILE, ckpt / MODEL_CONFIG_FILE
-    if not (weights.is_file() and config.is_file()):
-        raise CheckpointError(
-            f"{ckpt} has no {WEIGHTS_FILE} / {MODEL_CONFIG_FILE} (saved by a run that could not "
-            f"consolidate its weights)"
-        )
-    from safetensors.torch import load_file
-
-    cfg = JambaConfig.from_dict(json.loads(config.read_text()))
-    # kernels for the device it runs on; evaluate() runs bf16 autocast on a GPU
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = JambaForCausalLM(cfg, init=False, device_type=device.type, dtype=dtype)
-    load_hf_state_dict(model, load_file(str(weights)))
-    return model.to(device).eval()
 
 
 def run_data_path(state: dict, given: str | None) -> str:

@@ -19,19 +19,11 @@ import torch
 
 from data import DataError
 from data.tokenizer import HFTokenizer, load_tokenizer, tokenizer_for_corpus
-from jamba import JambaForCausalLM
 from jamba.generation import Sampling, generate
-from jamba.hf_compat import load_hf_state_dict
 
 from .checkpoint_layout import CheckpointError
 from .eval import run_data_path
-from .weights import Weights, load_weights
-
-
-def build_model(w: Weights, device: torch.device) -> JambaForCausalLM:
-    model = JambaForCausalLM(w.config, init=False)
-    load_hf_state_dict(model, w.state_dict)
-    return model.to(device).eval()
+from .weights import Weights, build_model, load_weights
 
 
 def find_tokenizer(w: Weights, given: str | None):

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from jamba import JambaConfig
-from jamba.hf_compat import CONFIG_NAME, config_from_hf, read_safetensors_dir
+from jamba import JambaConfig, JambaForCausalLM
+from jamba.hf_compat import CONFIG_NAME, config_from_hf, load_hf_state_dict, read_safetensors_dir
 
 from .checkpoint_layout import MODEL_CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_state, resolve
 
@@ -264,3 +264,17 @@ def start_from(path: str, model, model_cfg: JambaConfig, resume: str, resume_fro
     for diff in config_differences(w.config, model_cfg):
         log.warning("init_from: %s (the shapes fit; the weights were trained with the other)", diff)
     log.info("initialised from %s (%s weights): step 0, fresh optimizer, schedule and data", w.source, w.kind)
+
+
+def build_model(w: Weights, device: torch.device) -> JambaForCausalLM:
+    """The model `w` holds on `device`, eval mode, its kernels chosen for that device (the evaluation and
+    sampling run bf16 autocast on a GPU)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = JambaForCausalLM(w.config, init=False, device_type=device.type, dtype=dtype)
+    load_hf_state_dict(model, w.state_dict)
+    return model.to(device).eval()
+
+
+def load_model(path: str | Path, device: torch.device) -> JambaForCausalLM:
+    """Any checkpoint form `load_weights` reads, as a model on `device`."""
+    return build_model(load_weights(path), device)
