@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import TINY
+from tiny import TINY, tiny_config
 from train_runs import run_train
 
-from jamba import JambaConfig, JambaForCausalLM
+from jamba import JambaForCausalLM
 from jamba.hf_compat import to_hf_state_dict
 from train.checkpoint_layout import WEIGHTS_FILE, find_latest
 from train.config import ConfigError
@@ -74,17 +74,7 @@ def test_export_files_and_step_folder(run, tmp_path):
     ],
 )
 def test_export_refusals_write_nothing(tmp_path, capsys, change, why):
-    cfg = JambaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=6,
-        layer_pattern="M*MM*M",
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=1,
-        mamba_d_state=8,
-    ).replace(**change)
+    cfg = tiny_config(num_hidden_layers=6, layer_pattern="M*MM*M", num_experts=1).replace(**change)
     (tmp_path / "ck").mkdir()
     save_file(to_hf_state_dict(JambaForCausalLM(cfg, seed=0)), str(tmp_path / "ck" / "model.safetensors"))
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg.to_dict()))
@@ -143,18 +133,7 @@ def test_init_from_a_transformers_save(tmp_path):
 
     from jamba.hf_compat import config_to_hf
 
-    cfg = JambaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        attn_layer_period=4,
-        attn_layer_offset=2,
-        mamba_d_state=8,
-    )
+    cfg = tiny_config()
     torch.manual_seed(0)
     hf = transformers.JambaForCausalLM(transformers.JambaConfig(**config_to_hf(cfg, use_mamba_kernels=False)))
     hf.eval().save_pretrained(tmp_path)

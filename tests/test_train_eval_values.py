@@ -12,6 +12,7 @@ import pytest
 import torch
 from dist_utils import run_distributed
 from test_data_common import make_prepared
+from tiny import tiny_config
 
 from jamba import JambaConfig, JambaForCausalLM
 from jamba.moe import SparseMoE
@@ -94,20 +95,7 @@ def test_each_rank_validates_on_its_own_part_of_the_val_split(tmp_path):
 
 # ---- evaluation, then training: dropout and activation checkpointing are back ----------------------
 def tiny_dropout_model() -> JambaForCausalLM:
-    cfg = JambaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-        attn_layer_period=2,
-        attn_layer_offset=1,
-        mamba_d_state=8,
-        attention_dropout=0.5,
-    )
+    cfg = tiny_config(vocab_size=97, attn_layer_period=2, attn_layer_offset=1, attention_dropout=0.5)
     model = JambaForCausalLM(cfg, seed=0).train()
     set_activation_checkpointing(model, "full")
     return model

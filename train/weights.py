@@ -187,16 +187,9 @@ def trained_corpus(state: dict | None) -> str | None:
         return None
 
 
-# Config fields that change neither the weights' shapes nor the forward (runtime and initialisation knobs).
+# Config fields that change neither the weights' shapes nor the forward (initialisation knobs, notes).
 _NOT_ARCHITECTURE = {
     "extra",
-    "activation_checkpointing",
-    "use_kernels",
-    "scan_backend",
-    "scan_chunk_size",
-    "scan_block_size",
-    "loss_chunk_size",
-    "ff_chunk_size",
     "residual_in_fp32",
     "initializer_range",
     "mamba_dt_min",
